@@ -1,0 +1,1 @@
+"""Benchmarks: kernel and end-to-end. Results are committed under benchmarks/results/."""

@@ -1,0 +1,69 @@
+"""The ``dit-sparse`` command line: one entry point, one subcommand per job, ``--help`` on each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _bench_kernel(args: argparse.Namespace) -> int:
+    from dit_sparse.benchmarks.kernel import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="kernel and end-to-end benchmarks",
+        description="Benchmarks. Results go to benchmarks/results/ as JSON with the GPU, versions and command.",
+    )
+    bsub = bench.add_subparsers(dest="bench_cmd", metavar="{kernel}")
+    bsub.required = True
+    kernel = bsub.add_parser(
+        "kernel",
+        help="block-sparse kernel vs cuDNN/FA2 SDPA and FlexAttention on DiT shapes",
+        description=(
+            "Time dit-sparse's block-sparse attention against dense SDPA (cuDNN, FA2) and FlexAttention with the "
+            "same mask, on the attention shapes of Wan2.1, HunyuanVideo, CogVideoX and FLUX, at several densities. "
+            "On a machine without a GPU use --tiny: it proves the benchmark runs, its timings are not kernel "
+            "performance."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from dit_sparse.benchmarks.kernel_args import add_kernel_bench_args
+
+    add_kernel_bench_args(kernel)
+    kernel.set_defaults(func=_bench_kernel)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dit_sparse import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dit-sparse",
+        description="Training-free sparse attention for diffusion transformers in diffusers.",
+    )
+    parser.add_argument("--version", action="version", version=f"dit-sparse {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

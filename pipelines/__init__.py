@@ -1,0 +1,1 @@
+"""Per-model adapters: how each diffusers family lays out its tokens."""

@@ -1,0 +1,1 @@
+"""Shipped profiles (JSON), read with importlib.resources."""
