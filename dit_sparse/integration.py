@@ -1,0 +1,610 @@
+"""Dropping dit-sparse into diffusers: ``apply()``, ``SparseProcessor``, the root hook and the run report.
+
+    handle = dit_sparse.apply(pipe, profile)       # every transformer of the pipeline (Wan 2.2: transformer_2 too)
+    video = pipe(...).frames
+    print(handle.report().summary())
+    handle.remove()                                # original processors back, hooks gone
+
+or the one-liner ``pipe.transformer.set_attn_processor(SparseProcessor(profile))``: on its first call the
+processor finds its transformer (walking the Python call stack to the transformer's ``nn.Module.__call__``),
+installs the same root hook and reads the same forward inputs, so its output equals ``apply()``'s.
+
+Per transformer a stateful diffusers ``ModelHook`` (the *root hook*) publishes, per forward: the step index
+(distinct timesteps since the last reset; a rising timestep starts a new run for pipelines without reset), the
+batch layout and cache-context name (``cond``/``uncond``/``cond_uncond``), the latent grid read from the
+transformer's own inputs, and the text span and padding. Each self-attention layer gets one ``SparseProcessor``
+that runs the model's own projections, qk-norm and RoPE and replaces only the core attention call.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .patterns import MaskLayout, build_layer_mask, pattern_name
+from .profile import Profile
+
+ROOT_HOOK_NAME = "dit_sparse_root_hook"
+DIFFUSERS_RANGE = ((0, 42), (0, 43))  # private hook / context-parallel API used here: pin and check
+_MASK_CACHE_SIZE = 32
+
+
+class SparseApplyError(RuntimeError):
+    """dit-sparse cannot be applied (already applied, wrong diffusers version, nothing to apply to)."""
+
+
+def check_diffusers_version() -> None:
+    import diffusers
+
+    parts = tuple(int(x) for x in diffusers.__version__.split(".")[:2] if x.isdigit())
+    lo, hi = DIFFUSERS_RANGE
+    if not (lo <= parts < hi):
+        raise SparseApplyError(
+            f"dit-sparse needs diffusers>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} (it uses diffusers' hook API), found "
+            f"{diffusers.__version__}; install a supported version: pip install 'diffusers>=0.42,<0.43'"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- report
+@dataclass
+class RunReport:
+    """What happened during one pipeline run (one trajectory)."""
+
+    transformer: str
+    density: dict[tuple[int, int], float] = field(default_factory=dict)  # (layer, step) -> computed fraction
+    dense: dict[tuple[int, int], str] = field(default_factory=dict)  # (layer, step) -> why it ran dense
+    fallbacks: list[str] = field(default_factory=list)  # dense fallbacks that were not asked for, with reasons
+    attention_seconds: dict[tuple[int, int], float] = field(default_factory=dict)  # when timing is on
+    steps: int = 0
+    forwards: int = 0
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def mean_density(self) -> float:
+        """Mean fraction of attention computed over all (layer, step) calls; dense calls count as 1."""
+        vals = list(self.density.values()) + [1.0] * len([k for k in self.dense if k not in self.density])
+        return sum(vals) / len(vals) if vals else 1.0
+
+    def sparse_density(self) -> float | None:
+        """Mean density over the calls that ran sparse (None if none did)."""
+        vals = list(self.density.values())
+        return sum(vals) / len(vals) if vals else None
+
+    def per_layer(self) -> dict[int, float]:
+        out: dict[int, list[float]] = {}
+        for (layer, _), d in self.density.items():
+            out.setdefault(layer, []).append(d)
+        for (layer, step) in self.dense:
+            if (layer, step) not in self.density:
+                out.setdefault(layer, []).append(1.0)
+        return {layer: sum(v) / len(v) for layer, v in sorted(out.items())}
+
+    def summary(self) -> str:
+        sd = self.sparse_density()
+        lines = [
+            f"{self.transformer}: {self.steps} steps, {self.forwards} forwards, grids {sorted(set(self.grids))}",
+            f"  mean density {self.mean_density():.3f} (sparse calls: {'-' if sd is None else f'{sd:.3f}'}), "
+            f"{len(self.density)} sparse and {len(self.dense)} dense (layer, step) calls",
+        ]
+        if self.attention_seconds:
+            lines.append(f"  attention time {sum(self.attention_seconds.values()):.3f} s (measured)")
+        lines.extend(f"  dense fallback: {r}" for r in self.fallbacks)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "transformer": self.transformer,
+            "steps": self.steps,
+            "forwards": self.forwards,
+            "mean_density": self.mean_density(),
+            "per_layer_density": self.per_layer(),
+            "per_layer_step_density": {f"{k[0]},{k[1]}": v for k, v in sorted(self.density.items())},
+            "dense_calls": {f"{k[0]},{k[1]}": v for k, v in sorted(self.dense.items())},
+            "fallbacks": list(self.fallbacks),
+            "attention_seconds": sum(self.attention_seconds.values()) if self.attention_seconds else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- binding
+@dataclass
+class _ForwardState:
+    step: int = -1
+    last_t: float | None = None
+    inputs: Any = None  # pipelines.base.ForwardInputs
+    context_name: str | None = None
+
+
+class TransformerBinding:
+    """Everything dit-sparse knows about one transformer: family, profile, layers, per-forward state, caches."""
+
+    def __init__(self, transformer: torch.nn.Module, family: Any, profile: Profile, impl: str, timing: bool):
+        self.transformer = transformer
+        self.family = family
+        self.profile = profile
+        self.impl = impl
+        self.timing = timing
+        self.modules = family.self_attention_modules(transformer)
+        self.layer_of: dict[int, int] = {id(m): i for i, (_, m) in enumerate(self.modules)}
+        self.state = _ForwardState()
+        self.masks: OrderedDict[Any, tuple[torch.Tensor, float]] = OrderedDict()
+        self.runs: list[RunReport] = []
+        self._warned: set[str] = set()
+        self.hook: Any = None
+        self._ctx_manager: Any = None
+
+    # -- per forward -----------------------------------------------------------------------------------
+    def observe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inputs = self.family.read_inputs(self.transformer, args, kwargs)
+        t = _timestep_key(inputs.timestep)
+        st = self.state
+        new_run = st.last_t is None
+        if not new_run and t is not None and st.last_t is not None and t > st.last_t and not self.family.resets_each_run:
+            new_run = True  # pipelines without a hook reset (SD3, PixArt): a rising timestep starts a new run
+        if new_run:
+            self._start_run()
+            st.step = 0
+        elif t != st.last_t:
+            st.step += 1
+        st.last_t = t
+        st.inputs = inputs
+        ctx = getattr(self._ctx_manager, "_context", None)
+        st.context_name = getattr(ctx, "name", None)
+        run = self.runs[-1]
+        run.forwards += 1
+        run.steps = st.step + 1
+        if inputs.grid not in run.grids:
+            run.grids.append(inputs.grid)
+
+    def _start_run(self) -> None:
+        self.runs.append(RunReport(transformer=type(self.transformer).__name__))
+        del self.runs[:-8]  # keep the last few runs only
+
+    def reset(self) -> None:
+        self.state = _ForwardState()
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+            if self.runs:
+                self.runs[-1].fallbacks.append(message)
+
+    # -- core attention ---------------------------------------------------------------------------------
+    def core_for(self, layer: int, proc: Any) -> Callable[..., torch.Tensor]:
+        def core(
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            dense_fn: Callable[[], torch.Tensor],
+            *,
+            layout: str = "bshd",
+            scale: float | None = None,
+            text_valid: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            start = time.perf_counter() if self.timing else 0.0
+            out = self._core(layer, proc, q, k, v, dense_fn, layout, scale, text_valid)
+            if self.timing:
+                if out.device.type == "cuda":
+                    torch.cuda.synchronize(out.device)
+                key = (layer, self.state.step)
+                run = self.runs[-1]
+                run.attention_seconds[key] = run.attention_seconds.get(key, 0.0) + time.perf_counter() - start
+            return out
+
+        return core
+
+    def _core(
+        self,
+        layer: int,
+        proc: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        dense_fn: Callable[[], torch.Tensor],
+        layout: str,
+        scale: float | None,
+        text_valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        st = self.state
+        if st.inputs is None:
+            raise RuntimeError(
+                "dit-sparse: attention ran before the transformer's forward was observed; call the transformer "
+                "(or pipeline), not the attention module directly"
+            )
+        run = self.runs[-1]
+        key = (layer, st.step)
+        prof = self.profile
+        if st.step < prof.schedule.dense_steps:
+            run.dense[key] = "warm-up step"
+            return dense_fn()
+        if layer in prof.schedule.dense_layers:
+            run.dense[key] = "dense layer"
+            return dense_fn()
+        if all(s.pattern == "dense" for s in prof.layers[layer]):
+            run.dense[key] = "all heads dense"
+            return dense_fn()
+        if getattr(proc, "_parallel_config", None) is not None:
+            self.warn_once(
+                "cp",
+                "dit-sparse: context parallelism is not supported yet; attention runs dense (correct, not faster)",
+            )
+            run.dense[key] = "context parallel (unsupported): dense"
+            return dense_fn()
+
+        bshd = layout == "bshd"
+        qh, kh, vh = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (q, k, v)  # (B,H,S,D)
+        inputs = st.inputs
+        mlayout = MaskLayout(inputs.grid, inputs.num_text, inputs.text_first, prof.block_size)
+        n = qh.shape[2]
+        if n != mlayout.seq_len or kh.shape[2] != n:
+            raise RuntimeError(
+                f"dit-sparse layer {layer}: self-attention has {n} query and {kh.shape[2]} key tokens, but the latent "
+                f"grid {inputs.grid} plus {inputs.num_text} text tokens gives {mlayout.seq_len}; the {self.family.name} "
+                "adapter does not match this model's token layout (please report it)"
+            )
+        if qh.shape[1] != prof.fingerprint.num_heads:
+            raise RuntimeError(
+                f"dit-sparse layer {layer}: attention sees {qh.shape[1]} heads, the profile has "
+                f"{prof.fingerprint.num_heads} (tensor parallelism is not supported)"
+            )
+        if text_valid is not None and not bool(text_valid.all()):
+            out = self._padded_text(layer, qh, kh, vh, mlayout, scale, text_valid)
+        else:
+            mask, density = self.layer_mask(layer, mlayout, qh.device)
+            run.density[key] = density
+            out = self._kernel(qh, kh, vh, mask, scale)
+        return out.transpose(1, 2) if bshd else out
+
+    def _kernel(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None
+    ) -> torch.Tensor:
+        from .kernels import sparse_attention
+
+        return sparse_attention(q, k, v, mask, self.profile.block_size, scale, impl=self.impl)
+
+    def _padded_text(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mlayout: MaskLayout,
+        scale: float | None,
+        text_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Padded text keys are dropped per sample: real tokens run sparse on the shortened layout, padded query
+        rows attend densely to the real keys (as the model's own key-padding mask makes them do)."""
+        out = torch.zeros_like(q)
+        text_start = 0 if mlayout.text_first else mlayout.num_video
+        densities = []
+        for b in range(q.shape[0]):
+            keep = torch.ones(q.shape[2], dtype=torch.bool, device=q.device)
+            keep[text_start : text_start + mlayout.num_text] = text_valid[b].to(q.device)
+            n_text = int(text_valid[b].sum())
+            sub = MaskLayout(mlayout.grid, n_text, mlayout.text_first, mlayout.block_size)
+            mask, density = self.layer_mask(layer, sub, q.device)
+            densities.append(density)
+            qb, kb, vb = q[b : b + 1, :, keep], k[b : b + 1, :, keep], v[b : b + 1, :, keep]
+            out[b : b + 1, :, keep] = self._kernel(qb, kb, vb, mask, scale)
+            drop = ~keep
+            if bool(drop.any()):
+                out[b : b + 1, :, drop] = torch.nn.functional.scaled_dot_product_attention(
+                    q[b : b + 1, :, drop], kb, vb, scale=scale
+                )
+        self.runs[-1].density[(layer, self.state.step)] = sum(densities) / len(densities)
+        return out
+
+    def layer_mask(self, layer: int, mlayout: MaskLayout, device: torch.device) -> tuple[torch.Tensor, float]:
+        """``[1, H, nB, nB]`` bool mask for ``layer`` (cached per head-pattern set, layout and device)."""
+        heads = [(s.pattern, s.params) for s in self.profile.layers[layer]]
+        key = (tuple(pattern_name(n, p) for n, p in heads), mlayout, str(device))
+        hit = self.masks.get(key)
+        if hit is not None:
+            self.masks.move_to_end(key)
+            return hit
+        mask = build_layer_mask(heads, mlayout, device)
+        from .kernels import token_density
+
+        density = float(token_density(mask, mlayout.block_size, mlayout.seq_len, mlayout.seq_len))
+        self.masks[key] = (mask, density)
+        while len(self.masks) > _MASK_CACHE_SIZE:
+            self.masks.popitem(last=False)
+        return mask, density
+
+
+def _timestep_key(t: Any) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return float(t.detach().float().max()) if t.numel() else None
+    return float(t)
+
+
+# ---------------------------------------------------------------------------------------------------- hook
+def _make_root_hook(binding: TransformerBinding) -> Any:
+    from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+
+    class _NoState(BaseState):
+        def reset(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    class SparseRootHook(ModelHook):
+        """Publishes step, grid, text layout and CFG context of each transformer forward to the processors."""
+
+        _is_stateful = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.binding = binding
+            # receives diffusers' CacheContext (cond / uncond / cond_uncond) from `transformer.cache_context`
+            self.context_manager = StateManager(_NoState)
+            binding._ctx_manager = self.context_manager
+
+        @torch.compiler.disable
+        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            self.binding.observe(args, kwargs)
+            return args, kwargs
+
+        def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+            self.binding.reset()
+            return module
+
+    return SparseRootHook()
+
+
+def _install_root_hook(binding: TransformerBinding) -> None:
+    from diffusers.hooks.hooks import HookRegistry
+
+    registry = HookRegistry.check_if_exists_or_initialize(binding.transformer)
+    if registry.get_hook(ROOT_HOOK_NAME) is not None:
+        raise SparseApplyError(
+            f"dit-sparse is already applied to this {type(binding.transformer).__name__}; call handle.remove() "
+            "on the first handle before applying again"
+        )
+    binding.hook = _make_root_hook(binding)
+    registry.register_hook(binding.hook, ROOT_HOOK_NAME)
+
+
+def _remove_root_hook(transformer: torch.nn.Module) -> None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(ROOT_HOOK_NAME) is not None:
+        registry.remove_hook(ROOT_HOOK_NAME, recurse=False)
+
+
+# ---------------------------------------------------------------------------------------------------- processor
+class SparseProcessor:
+    """Attention processor that runs the model's own q/k/v, qk-norm and RoPE and a sparse core attention.
+
+    ``apply()`` installs one per self-attention layer. Used directly as
+    ``transformer.set_attn_processor(SparseProcessor(profile))`` (one instance on every attention module), it binds
+    itself to its transformer on the first call and delegates cross-attention modules to the model's stock
+    processor.
+
+    Args:
+        profile: the :class:`~dit_sparse.Profile` to run.
+        impl: kernel implementation, ``"auto"`` (Triton on CUDA, block-gather on CPU), ``"triton"``, ``"gather"``.
+        timing: measure attention wall time per (layer, step) for the report (synchronises CUDA; off by default).
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, profile: Profile, *, impl: str = "auto", timing: bool = False) -> None:
+        if not isinstance(profile, Profile):
+            raise TypeError(f"SparseProcessor needs a dit_sparse.Profile, got {type(profile).__name__}")
+        profile.validate()
+        self.profile = profile
+        self.impl = impl
+        self.timing = timing
+        self._bound: dict[int, tuple[TransformerBinding, int | None]] = {}
+        self._delegates: dict[int, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"SparseProcessor(family={self.profile.family!r}, layers={len(self.profile.layers)}, impl={self.impl!r})"
+
+    def _bind(self, module: torch.nn.Module, binding: TransformerBinding, layer: int | None) -> None:
+        self._bound[id(module)] = (binding, layer)
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: Any = None,
+        image_rotary_emb: Any = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        entry = self._bound.get(id(attn))
+        if entry is None:
+            entry = self._bind_from_stack(attn)
+        binding, layer = entry
+        rope = rotary_emb if rotary_emb is not None else image_rotary_emb
+        extra = dict(kwargs)
+        if encoder_hidden_states_mask is not None:
+            extra["encoder_hidden_states_mask"] = encoder_hidden_states_mask
+        if temb is not None:
+            extra["temb"] = temb
+        if layer is None:  # a module we do not sparsify (cross-attention, text refiner): the stock processor
+            delegate = self._delegate_for(attn, binding)
+            return _call_stock(delegate, attn, hidden_states, encoder_hidden_states, attention_mask, rope, extra)
+        core = binding.core_for(layer, self)
+        return binding.family.attention(
+            self, core, attn, hidden_states, encoder_hidden_states, attention_mask, rope, **extra
+        )
+
+    def _delegate_for(self, attn: torch.nn.Module, binding: TransformerBinding) -> Any:
+        d = self._delegates.get(id(attn))
+        if d is None:
+            d = binding.family.dense_processor(attn)
+            if hasattr(d, "_attention_backend"):
+                d._attention_backend = self._attention_backend
+                d._parallel_config = self._parallel_config
+            self._delegates[id(attn)] = d
+        return d
+
+    def _bind_from_stack(self, attn: torch.nn.Module) -> tuple[TransformerBinding, int | None]:
+        """One-liner mode: find the transformer whose forward is running, bind it, observe this forward."""
+        from .pipelines import UnsupportedModelError, family_for
+
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name == "_call_impl" and "self" in frame.f_locals:
+                module = frame.f_locals["self"]
+                try:
+                    family_for(module)
+                except UnsupportedModelError:
+                    frame = frame.f_back  # type: ignore[assignment]
+                    continue
+                if any(m is attn for m in module.modules()):
+                    binding = _bind_transformer(module, self.profile, self.impl, self.timing, processor=self)
+                    # this forward started before the root hook existed: observe its inputs from the frame
+                    binding.observe(tuple(frame.f_locals.get("args", ())), dict(frame.f_locals.get("kwargs", {})))
+                    return self._bound[id(attn)]
+            frame = frame.f_back  # type: ignore[assignment]
+        raise SparseApplyError(
+            "SparseProcessor could not find the transformer this attention layer belongs to (was the attention "
+            "module called on its own, or under torch.compile?); use dit_sparse.apply(pipe, profile) instead"
+        )
+
+
+def _call_stock(
+    proc: Any,
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    rope: Any,
+    extra: dict[str, Any],
+) -> Any:
+    import inspect
+
+    params = inspect.signature(proc.__call__).parameters
+    kw: dict[str, Any] = {k: v for k, v in extra.items() if k in params}
+    if rope is not None:
+        kw["rotary_emb" if "rotary_emb" in params else "image_rotary_emb"] = rope
+    return proc(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kw)
+
+
+def _bind_transformer(
+    transformer: torch.nn.Module,
+    profile: Profile,
+    impl: str,
+    timing: bool,
+    processor: SparseProcessor | None = None,
+) -> TransformerBinding:
+    """Check compatibility, install the root hook, and bind self-attention modules to processors."""
+    from .pipelines import family_for
+
+    check_diffusers_version()
+    family = family_for(transformer)
+    profile.check_compatible(family.fingerprint(transformer), family.name)
+    binding = TransformerBinding(transformer, family, profile, impl, timing)
+    _install_root_hook(binding)
+    if processor is not None:  # one-liner: the shared instance serves every attention module of the transformer
+        for _, module in _attention_modules(transformer):
+            processor._bind(module, binding, binding.layer_of.get(id(module)))
+    return binding
+
+
+# ---------------------------------------------------------------------------------------------------- apply
+class SparseHandle:
+    """Returned by :func:`apply`; ``remove()`` restores the exact original processors and removes the hooks."""
+
+    def __init__(self) -> None:
+        self.bindings: list[TransformerBinding] = []
+        self._originals: list[tuple[torch.nn.Module, Any]] = []
+        self.removed = False
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        for module, proc in self._originals:
+            module.set_processor(proc)
+        for b in self.bindings:
+            _remove_root_hook(b.transformer)
+        self.removed = True
+
+    def report(self, index: int = -1) -> RunReport:
+        """The latest run's report of the first transformer that ran (``reports()`` for all)."""
+        ran = [b.runs[index] for b in self.bindings if b.runs]
+        if not ran:
+            raise RuntimeError("no pipeline or transformer call has run since dit_sparse.apply()")
+        return ran[0]
+
+    def reports(self) -> list[RunReport]:
+        return [b.runs[-1] for b in self.bindings if b.runs]
+
+    def __enter__(self) -> SparseHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _transformers_of(obj: Any) -> list[torch.nn.Module]:
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    found = [getattr(obj, name, None) for name in ("transformer", "transformer_2")]
+    mods = [m for m in found if isinstance(m, torch.nn.Module)]
+    if not mods:
+        raise TypeError(
+            f"dit_sparse.apply needs a diffusers pipeline with a .transformer or a transformer model, got "
+            f"{type(obj).__name__}"
+        )
+    return mods
+
+
+def apply(pipe_or_transformer: Any, profile: Profile, *, impl: str = "auto", timing: bool = False) -> SparseHandle:
+    """Install sparse attention on every transformer of a pipeline (or on one transformer).
+
+    Args:
+        pipe_or_transformer: a diffusers pipeline (``.transformer`` and, for Wan 2.2, ``.transformer_2``) or a
+            transformer model.
+        profile: the :class:`~dit_sparse.Profile` to run; checked against each transformer's architecture.
+        impl: kernel implementation (``"auto"``: Triton on CUDA, block-gather on CPU).
+        timing: measure attention wall time per (layer, step) for the report.
+
+    Returns:
+        a :class:`SparseHandle`; ``handle.remove()`` restores the original processors and removes the hooks.
+    """
+    if not isinstance(profile, Profile):
+        raise TypeError(f"apply() needs a dit_sparse.Profile, got {type(profile).__name__}")
+    profile.validate()
+    transformers = _transformers_of(pipe_or_transformer)
+    handle = SparseHandle()
+    try:
+        for t in transformers:
+            for _, module in _attention_modules(t):
+                if isinstance(getattr(module, "processor", None), SparseProcessor):
+                    raise SparseApplyError(
+                        f"dit-sparse is already applied to this {type(t).__name__} (a SparseProcessor is installed); "
+                        "call handle.remove() (or restore the processors) before applying again"
+                    )
+            binding = _bind_transformer(t, profile, impl, timing)
+            handle.bindings.append(binding)
+            for layer, (_, module) in enumerate(binding.modules):
+                old = module.processor
+                new = SparseProcessor(profile, impl=impl, timing=timing)
+                # keep the backend and context-parallel config the user (or enable_parallelism) chose
+                new._attention_backend = getattr(old, "_attention_backend", None)
+                new._parallel_config = getattr(old, "_parallel_config", None)
+                new._bind(module, binding, layer)
+                handle._originals.append((module, old))
+                module.set_processor(new)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in transformer.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
