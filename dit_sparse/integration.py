@@ -60,7 +60,9 @@ class RunReport:
     transformer: str
     density: dict[tuple[int, int], float] = field(default_factory=dict)  # (layer, step) -> computed fraction
     dense: dict[tuple[int, int], str] = field(default_factory=dict)  # (layer, step) -> why it ran dense
-    fallbacks: list[str] = field(default_factory=list)  # dense fallbacks that were not asked for, with reasons
+    fallbacks: list[str] = field(
+        default_factory=list
+    )  # dense fallbacks that were not asked for, with reasons
     attention_seconds: dict[tuple[int, int], float] = field(default_factory=dict)  # when timing is on
     steps: int = 0
     forwards: int = 0
@@ -80,7 +82,7 @@ class RunReport:
         out: dict[int, list[float]] = {}
         for (layer, _), d in self.density.items():
             out.setdefault(layer, []).append(d)
-        for (layer, step) in self.dense:
+        for layer, step in self.dense:
             if (layer, step) not in self.density:
                 out.setdefault(layer, []).append(1.0)
         return {layer: sum(v) / len(v) for layer, v in sorted(out.items())}
@@ -144,7 +146,13 @@ class TransformerBinding:
         t = _timestep_key(inputs.timestep)
         st = self.state
         new_run = st.last_t is None
-        if not new_run and t is not None and st.last_t is not None and t > st.last_t and not self.family.resets_each_run:
+        if (
+            not new_run
+            and t is not None
+            and st.last_t is not None
+            and t > st.last_t
+            and not self.family.resets_each_run
+        ):
             new_run = True  # pipelines without a hook reset (SD3, PixArt): a rising timestep starts a new run
         if new_run:
             self._start_run()
@@ -238,7 +246,9 @@ class TransformerBinding:
             return dense_fn()
 
         bshd = layout == "bshd"
-        qh, kh, vh = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (q, k, v)  # (B,H,S,D)
+        qh, kh, vh = (
+            (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (q, k, v)
+        )  # (B,H,S,D)
         inputs = st.inputs
         mlayout = MaskLayout(inputs.grid, inputs.num_text, inputs.text_first, prof.block_size)
         n = qh.shape[2]
@@ -343,11 +353,13 @@ def _make_root_hook(binding: TransformerBinding) -> Any:
             super().__init__()
             self.binding = binding
             # receives diffusers' CacheContext (cond / uncond / cond_uncond) from `transformer.cache_context`
-            self.context_manager = StateManager(_NoState)
+            self.context_manager = StateManager(_NoState)  # type: ignore[arg-type]
             binding._ctx_manager = self.context_manager
 
         @torch.compiler.disable
-        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        def pre_forward(
+            self, module: torch.nn.Module, *args: Any, **kwargs: Any
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
             self.binding.observe(args, kwargs)
             return args, kwargs
 
@@ -435,7 +447,9 @@ class SparseProcessor:
             extra["temb"] = temb
         if layer is None:  # a module we do not sparsify (cross-attention, text refiner): the stock processor
             delegate = self._delegate_for(attn, binding)
-            return _call_stock(delegate, attn, hidden_states, encoder_hidden_states, attention_mask, rope, extra)
+            return _call_stock(
+                delegate, attn, hidden_states, encoder_hidden_states, attention_mask, rope, extra
+            )
         core = binding.core_for(layer, self)
         return binding.family.attention(
             self, core, attn, hidden_states, encoder_hidden_states, attention_mask, rope, **extra
@@ -467,7 +481,9 @@ class SparseProcessor:
                 if any(m is attn for m in module.modules()):
                     binding = _bind_transformer(module, self.profile, self.impl, self.timing, processor=self)
                     # this forward started before the root hook existed: observe its inputs from the frame
-                    binding.observe(tuple(frame.f_locals.get("args", ())), dict(frame.f_locals.get("kwargs", {})))
+                    binding.observe(
+                        tuple(frame.f_locals.get("args", ())), dict(frame.f_locals.get("kwargs", {}))
+                    )
                     return self._bound[id(attn)]
             frame = frame.f_back  # type: ignore[assignment]
         raise SparseApplyError(
@@ -491,7 +507,9 @@ def _call_stock(
     kw: dict[str, Any] = {k: v for k, v in extra.items() if k in params}
     if rope is not None:
         kw["rotary_emb" if "rotary_emb" in params else "image_rotary_emb"] = rope
-    return proc(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kw)
+    return proc(
+        attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kw
+    )
 
 
 def _bind_transformer(
@@ -509,7 +527,9 @@ def _bind_transformer(
     profile.check_compatible(family.fingerprint(transformer), family.name)
     binding = TransformerBinding(transformer, family, profile, impl, timing)
     _install_root_hook(binding)
-    if processor is not None:  # one-liner: the shared instance serves every attention module of the transformer
+    if (
+        processor is not None
+    ):  # one-liner: the shared instance serves every attention module of the transformer
         for _, module in _attention_modules(transformer):
             processor._bind(module, binding, binding.layer_of.get(id(module)))
     return binding
@@ -528,7 +548,7 @@ class SparseHandle:
         if self.removed:
             return
         for module, proc in self._originals:
-            module.set_processor(proc)
+            module.set_processor(proc)  # type: ignore[operator]
         for b in self.bindings:
             _remove_root_hook(b.transformer)
         self.removed = True
@@ -563,7 +583,9 @@ def _transformers_of(obj: Any) -> list[torch.nn.Module]:
     return mods
 
 
-def apply(pipe_or_transformer: Any, profile: Profile, *, impl: str = "auto", timing: bool = False) -> SparseHandle:
+def apply(
+    pipe_or_transformer: Any, profile: Profile, *, impl: str = "auto", timing: bool = False
+) -> SparseHandle:
     """Install sparse attention on every transformer of a pipeline (or on one transformer).
 
     Args:
@@ -599,7 +621,7 @@ def apply(pipe_or_transformer: Any, profile: Profile, *, impl: str = "auto", tim
                 new._parallel_config = getattr(old, "_parallel_config", None)
                 new._bind(module, binding, layer)
                 handle._originals.append((module, old))
-                module.set_processor(new)
+                module.set_processor(new)  # type: ignore[operator]
     except BaseException:
         handle.remove()
         raise
@@ -607,4 +629,8 @@ def apply(pipe_or_transformer: Any, profile: Profile, *, impl: str = "auto", tim
 
 
 def _attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, m) for n, m in transformer.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    return [
+        (n, m)
+        for n, m in transformer.named_modules()
+        if hasattr(m, "set_processor") and hasattr(m, "processor")
+    ]

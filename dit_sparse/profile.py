@@ -123,7 +123,9 @@ class Profile:
             raise ProfileError(f"block_size must be 16, 32, 64 or 128, got {self.block_size}")
         fp = self.fingerprint
         if len(self.layers) != fp.num_layers:
-            raise ProfileError(f"profile lists {len(self.layers)} layers but its fingerprint says {fp.num_layers}")
+            raise ProfileError(
+                f"profile lists {len(self.layers)} layers but its fingerprint says {fp.num_layers}"
+            )
         for i, heads in enumerate(self.layers):
             if len(heads) != fp.num_heads:
                 raise ProfileError(f"layer {i} lists {len(heads)} heads, the fingerprint says {fp.num_heads}")
@@ -157,7 +159,11 @@ class Profile:
                 f"transformer has {fingerprint.num_layers} × {fingerprint.num_heads} (head_dim "
                 f"{fingerprint.head_dim}); this profile was made for another model size"
             )
-        if mine.patch_size and fingerprint.patch_size and list(mine.patch_size) != list(fingerprint.patch_size):
+        if (
+            mine.patch_size
+            and fingerprint.patch_size
+            and list(mine.patch_size) != list(fingerprint.patch_size)
+        ):
             raise ProfileError(
                 f"profile was made for patch size {mine.patch_size}, transformer uses {fingerprint.patch_size}"
             )
@@ -192,14 +198,18 @@ class Profile:
             raise ProfileError(f"{source}: expected a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
         if not isinstance(version, int):
-            raise ProfileError(f"{source}: missing or invalid 'schema_version' (is this a dit-sparse profile?)")
+            raise ProfileError(
+                f"{source}: missing or invalid 'schema_version' (is this a dit-sparse profile?)"
+            )
         if version > SCHEMA_VERSION:
             raise ProfileError(
                 f"{source}: schema_version {version} is newer than this dit-sparse supports ({SCHEMA_VERSION}, "
                 f"dit-sparse {__version__}); upgrade dit-sparse (`pip install -U dit-sparse`)"
             )
         if version < SCHEMA_VERSION:
-            raise ProfileError(f"{source}: schema_version {version} is too old; re-create it with `dit-sparse profile`")
+            raise ProfileError(
+                f"{source}: schema_version {version} is too old; re-create it with `dit-sparse profile`"
+            )
         try:
             model = data["model"]
             fp = Fingerprint(**model["fingerprint"])
@@ -234,7 +244,9 @@ class Profile:
             raise ProfileError(f"profile file not found: {p}")
         size = p.stat().st_size
         if size > MAX_PROFILE_BYTES:
-            raise ProfileError(f"{p}: {size} bytes is larger than the {MAX_PROFILE_BYTES}-byte limit for a profile")
+            raise ProfileError(
+                f"{p}: {size} bytes is larger than the {MAX_PROFILE_BYTES}-byte limit for a profile"
+            )
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

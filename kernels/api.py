@@ -44,7 +44,9 @@ def _flex_to_bool(block_mask: Any, block_size: int, nq: int, nk: int) -> tuple[t
             f"{SUPPORTED_BLOCK_SIZES}"
         )
     if bq != block_size and block_size != 128:
-        raise ValueError(f"block_size={block_size} disagrees with the BlockMask's BLOCK_SIZE {bq}: omit block_size")
+        raise ValueError(
+            f"block_size={block_size} disagrees with the BlockMask's BLOCK_SIZE {bq}: omit block_size"
+        )
     if tuple(block_mask.seq_lengths) != (nq, nk):
         raise ValueError(
             f"BlockMask was built for (Q_LEN, KV_LEN)={tuple(block_mask.seq_lengths)}, but q has {nq} and k {nk} tokens"
@@ -94,7 +96,9 @@ def _validate(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, N, D] (torch SDPA layout), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be 4-D [B, H, N, D] (torch SDPA layout), got shape {tuple(t.shape)}"
+            )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
@@ -106,7 +110,9 @@ def _validate(
     if q.dtype not in (*_HALF, torch.float32):
         raise TypeError(f"unsupported dtype {q.dtype}: use torch.float16 or torch.bfloat16 (float32 on CPU)")
     if q.device.type == "cuda" and q.dtype == torch.float32:
-        raise TypeError("float32 is supported on CPU only; cast q, k, v to torch.bfloat16 or torch.float16 on CUDA")
+        raise TypeError(
+            "float32 is supported on CPU only; cast q, k, v to torch.bfloat16 or torch.float16 on CUDA"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if impl not in IMPLS:
@@ -190,7 +196,13 @@ def sparse_attention(
 
 @torch.library.custom_op("dit_sparse::block_sparse_attention", mutates_args=())
 def _block_sparse_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block_size: int, scale: float, impl: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    scale: float,
+    impl: str,
 ) -> torch.Tensor:
     if impl == "triton":
         from .triton_attention import triton_sparse_attention

@@ -43,7 +43,9 @@ def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
     return kv_num_blocks, kv_indices
 
 
-def indices_to_block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
+def indices_to_block_mask(
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, num_kv_blocks: int
+) -> torch.Tensor:
     """Inverse of :func:`block_mask_to_indices`: rebuild ``bool [..., nQ, num_kv_blocks]``."""
     width = kv_indices.shape[-1]
     valid = torch.arange(width, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)  # [..., nQ, width]

@@ -15,7 +15,9 @@ import math
 import torch
 
 
-def expand_block_mask(block_mask: torch.Tensor, block_size: int, seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
+def expand_block_mask(
+    block_mask: torch.Tensor, block_size: int, seq_len_q: int, seq_len_kv: int
+) -> torch.Tensor:
     """bool ``[B|1, H|1, nQ, nK]`` block mask -> bool ``[B|1, H|1, seq_len_q, seq_len_kv]`` token mask."""
     token = block_mask.repeat_interleave(block_size, dim=-2)[..., :seq_len_q, :]
     return token.repeat_interleave(block_size, dim=-1)[..., :seq_len_kv]

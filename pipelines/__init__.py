@@ -1,7 +1,7 @@
 """Per-model adapters: how each diffusers family lays out its tokens, keyed by transformer class.
 
-    from dit_sparse.pipelines import family_for
-    family = family_for(pipe.transformer)      # UnsupportedModelError lists the supported classes otherwise
+from dit_sparse.pipelines import family_for
+family = family_for(pipe.transformer)      # UnsupportedModelError lists the supported classes otherwise
 """
 
 from __future__ import annotations

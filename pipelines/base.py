@@ -76,7 +76,11 @@ class ModelFamily:
         found: list[tuple[str, torch.nn.Module]] = []
         named = list(transformer.named_modules())
         for pattern in self.self_attention_paths:
-            found.extend((n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern) and n.count(".") == pattern.count("."))
+            found.extend(
+                (n, m)
+                for n, m in named
+                if fnmatch.fnmatchcase(n, pattern) and n.count(".") == pattern.count(".")
+            )
         return found
 
     def num_heads(self, transformer: Any) -> int:
@@ -108,7 +112,9 @@ class ModelFamily:
         return cls()
 
     # ------------------------------------------------------------------------------------------------ inputs
-    def bind_arguments(self, transformer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def bind_arguments(
+        self, transformer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
         """Map positional and keyword forward arguments to names (like diffusers' ModuleForwardMetadata)."""
         sig = inspect.signature(type(transformer).forward)
         params = list(sig.parameters)[1:]  # drop self
@@ -149,5 +155,10 @@ def latent_grid(hidden_states: torch.Tensor, patch: list[int], layout: str = "bc
         f, h, w = hidden_states.shape[2], hidden_states.shape[3], hidden_states.shape[4]
     else:
         f, h, w = hidden_states.shape[1], hidden_states.shape[3], hidden_states.shape[4]
-    pt, ph, pw = (patch + [1, 1, 1])[:3] if len(patch) == 3 else (1, patch[0], patch[0])
+    if len(patch) == 3:
+        pt, ph, pw = patch
+    elif patch:
+        pt, ph, pw = 1, patch[0], patch[0]
+    else:
+        pt, ph, pw = 1, 1, 1
     return (-(-f // pt), -(-h // ph), -(-w // pw))

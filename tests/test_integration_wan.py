@@ -98,7 +98,9 @@ def test_remove_restores_exact_processor_objects_and_hooks(pipe):
     before = dict(pipe.transformer.attn_processors)
     handle = dit_sparse.apply(pipe, Profile.dense(pipe.transformer))
     assert isinstance(pipe.transformer.blocks[0].attn1.processor, dit_sparse.SparseProcessor)
-    assert pipe.transformer.blocks[0].attn2.processor is before["blocks.0.attn2.processor"]  # cross-attn untouched
+    assert (
+        pipe.transformer.blocks[0].attn2.processor is before["blocks.0.attn2.processor"]
+    )  # cross-attn untouched
     handle.remove()
     after = pipe.transformer.attn_processors
     assert all(after[k] is v for k, v in before.items())
@@ -107,7 +109,10 @@ def test_remove_restores_exact_processor_objects_and_hooks(pipe):
 
 
 def test_apply_twice_is_a_clear_error(pipe):
-    with dit_sparse.apply(pipe, Profile.dense(pipe.transformer)), pytest.raises(SparseApplyError, match="already applied"):
+    with (
+        dit_sparse.apply(pipe, Profile.dense(pipe.transformer)),
+        pytest.raises(SparseApplyError, match="already applied"),
+    ):
         dit_sparse.apply(pipe, Profile.dense(pipe.transformer))
     # the failed second apply left the first one intact, and after removal applying works again
     dit_sparse.apply(pipe, Profile.dense(pipe.transformer)).remove()

@@ -85,7 +85,9 @@ def test_mismatch_names_both_shapes(transformer):
     fam = "wan"
     from dit_sparse.pipelines import family_for
 
-    with pytest.raises(ProfileError, match=r"profile has 3 layers × 2 heads \(head_dim 64\), transformer has 2 × 2"):
+    with pytest.raises(
+        ProfileError, match=r"profile has 3 layers × 2 heads \(head_dim 64\), transformer has 2 × 2"
+    ):
         prof.check_compatible(family_for(transformer).fingerprint(transformer), fam)
     with pytest.raises(ProfileError, match="'flux' family"):
         prof.family = "flux"

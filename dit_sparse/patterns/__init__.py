@@ -49,7 +49,9 @@ def validate_pattern(name: str, params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown pattern {name!r}; known patterns: {sorted(['dense', *PATTERNS])}")
     unknown = set(params) - set(spec.defaults)
     if unknown:
-        raise ValueError(f"pattern {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(spec.defaults)}")
+        raise ValueError(
+            f"pattern {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(spec.defaults)}"
+        )
     full = {**spec.defaults, **params}
     if spec.check is not None:
         spec.check(full)
@@ -64,7 +66,9 @@ def pattern_name(name: str, params: dict[str, Any]) -> str:
     return f"{name}(" + ",".join(f"{k}={v}" for k, v in sorted(full.items())) + ")"
 
 
-def build_pattern(name: str, params: dict[str, Any], layout: MaskLayout, device: torch.device | str) -> torch.Tensor:
+def build_pattern(
+    name: str, params: dict[str, Any], layout: MaskLayout, device: torch.device | str
+) -> torch.Tensor:
     """One head's bool block mask ``[nB, nB]`` (text rows/columns not yet forced; see build_layer_mask)."""
     full = validate_pattern(name, params)
     if name == "dense":

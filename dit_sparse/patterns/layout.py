@@ -64,7 +64,7 @@ class MaskLayout:
 
     def token_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """``(seq_len, 3)`` int64 (f, h, w) per token; text tokens get -1."""
-        f, h, w = self.grid
+        _, h, w = self.grid
         idx = torch.arange(self.num_video, device=device)
         video = torch.stack([idx // (h * w), (idx // w) % h, idx % w], dim=1)
         text = torch.full((self.num_text, 3), -1, dtype=torch.int64, device=device)
