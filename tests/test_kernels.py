@@ -148,18 +148,18 @@ def test_empty_rows_are_exact_zeros(impl: str, bs: int) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mask_bh", [(2, 3), (1, 1), (2, 1), (1, 3)])
+@pytest.mark.parametrize("mask_bh", [(2, 2), (1, 1), (2, 1), (1, 2)])
 def test_noncontiguous_qkv_and_expanded_mask(impl: str, mask_bh: tuple[int, int]) -> None:
     """q/k/v as transposed views of [B, N, H, D] (diffusers layout); the mask an expanded (stride-0) view."""
     _needs_triton(impl)
     dev = _device()
-    b, h, n, d, bs = 2, 3, 140, 64, 32
+    b, h, n, d, bs = 2, 2, 100, 64, 32
     g = torch.Generator().manual_seed(5)
     qkv = torch.randn(3, b, n, h, d, generator=g).to(dev, torch.float16)  # (3, B, N, H, D)
     q, k, v = (t.transpose(1, 2) for t in qkv)  # (B, H, N, D) views
     assert not q.is_contiguous()
-    small = _random_mask((*mask_bh, 5, 5), 0.5, seed=6, device=dev)
-    mask = small.expand(b, h, 5, 5)
+    small = _random_mask((*mask_bh, 4, 4), 0.5, seed=6, device=dev)
+    mask = small.expand(b, h, 4, 4)
     out = dit_sparse.sparse_attention(q, k, v, mask, block_size=bs, impl=impl)
     assert_close_to_reference(out, q, k, v, small, bs)
     # same numbers as with contiguous inputs and the small mask
@@ -191,6 +191,30 @@ def test_gather_property(b, h, nq, nk, d, bs, density, dtype, seed) -> None:
     q, k, v = _qkv(b, h, nq, nk, d, dtype, seed=seed)
     mask = _random_mask((b, h, math.ceil(nq / bs), math.ceil(nk / bs)), density, seed=seed + 1)
     out = dit_sparse.sparse_attention(q, k, v, mask, block_size=bs, impl="gather")
+    assert_close_to_reference(out, q, k, v, mask, bs)
+    _assert_empty_rows_zero(out, mask, bs)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    nq=st.integers(1, 200),
+    nk=st.integers(1, 200),
+    d=st.sampled_from([32, 64, 80]),
+    bs=st.sampled_from([16, 32, 64, 128]),
+    density=st.sampled_from([0.1, 0.5, 0.9]),
+    mask_b=st.sampled_from([1, 2]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_property(nq, nk, d, bs, density, mask_b, dtype, seed) -> None:
+    _needs_triton("triton")
+    if torch.cuda.is_available() and dtype == torch.float32:
+        dtype = torch.float16
+    dev = _device()
+    q, k, v = _qkv(2, 1, nq, nk, d, dtype, seed=seed, device=dev)
+    shape = (mask_b, 1, math.ceil(nq / bs), math.ceil(nk / bs))
+    mask = _random_mask(shape, density, seed=seed + 1, device=dev)
+    out = dit_sparse.sparse_attention(q, k, v, mask, block_size=bs, impl="triton")
     assert_close_to_reference(out, q, k, v, mask, bs)
     _assert_empty_rows_zero(out, mask, bs)
 
@@ -327,6 +351,35 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
 
     compiled = torch.compile(attend, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, mask), attend(q, k, v, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_custom_op_opcheck(impl: str) -> None:
+    """The fake kernel agrees with the real one (shape, dtype, strides) under every torch.library check."""
+    _needs_triton(impl)
+    q, k, v = _qkv(1, 2, 37, 21, 16, torch.float32, seed=15)
+    mask = _random_mask((1, 1, 3, 2), 0.7, seed=16)
+    torch.library.opcheck(
+        torch.ops.dit_sparse.block_sparse_attention.default, (q, k, v, mask, 16, 0.25, impl)
+    )
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 128, 256])
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+def test_triton_configs_divide_granularity(bs: int, head_dim: int) -> None:
+    """Granularity is fixed from block_size before autotuning: every surviving config must be legal for it."""
+    pytest.importorskip("triton")
+    from dit_sparse.kernels import triton_attention as ta
+
+    gq, gk = ta.index_granularity(bs)
+    assert gq % bs == 0 and gk % bs == 0
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    kept = ta._prune_configs(ta._configs(), {}, G_Q=gq, G_K=gk, BLOCK_D=block_d)
+    assert kept
+    for cfg in kept:
+        assert gq % cfg.kwargs["BLOCK_M"] == 0 and gk % cfg.kwargs["BLOCK_N"] == 0
+    fixed = ta._INTERPRET_CONFIG
+    assert gq % fixed["BLOCK_M"] == 0 and gk % fixed["BLOCK_N"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ GPU
