@@ -2,8 +2,9 @@
 
 Only allowed blocks are computed, so a sparse mask is cheaper than dense SDPA on the CPU too. Query-block rows
 are sorted by how many kv blocks they attend and processed in chunks. Each chunk gathers exactly those K/V blocks
-(padded to the chunk's largest count, which sorting keeps small), runs one batched softmax-attention and
-scatters the rows back. Rows with no allowed block are skipped and stay zero.
+with one ``index_select`` (padded to the chunk's largest count, which sorting keeps small) and runs one batched,
+fused ``scaled_dot_product_attention`` over them (a key mask only where a chunk has padding slots or the ragged
+last block), then scatters the rows back. Rows with no allowed block are skipped and stay zero.
 
 Half-precision inputs are computed in float32 (CPU half matmuls are slow and less accurate) and cast back.
 """
@@ -31,57 +32,58 @@ def gather_block_sparse_attention(
     """``q [B,H,Nq,D]``, ``k/v [B,H,Nk,D]``, bool ``block_mask`` broadcastable to ``[B,H,nQ,nK]``."""
     bsz, heads, nq, dim = q.shape
     nk = k.shape[2]
-    nqb, nkb = cdiv(nq, block_size), cdiv(nk, block_size)
+    bs = block_size
+    nqb, nkb = cdiv(nq, bs), cdiv(nk, bs)
     compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     mask = block_mask.expand(bsz, heads, nqb, nkb).reshape(bsz * heads * nqb, nkb)  # (R, nK)
 
     def blocks(x: torch.Tensor, n: int, nb: int) -> torch.Tensor:
         x = x.to(compute_dtype)
-        if nb * block_size != n:
-            x = torch.nn.functional.pad(x, (0, 0, 0, nb * block_size - n))
-        return x.reshape(bsz * heads, nb, block_size, dim)  # (B*H, nb, bs, D)
+        if nb * bs != n:
+            x = torch.nn.functional.pad(x, (0, 0, 0, nb * bs - n))
+        return x.reshape(bsz * heads * nb, bs * dim)  # one row per block: index_select copies whole blocks
 
-    qb = blocks(q, nq, nqb).reshape(bsz * heads * nqb, block_size, dim)  # (R, bs, D)
-    kb, vb = blocks(k, nk, nkb), blocks(v, nk, nkb)  # (B*H, nK, bs, D)
+    qb = blocks(q, nq, nqb).view(-1, bs, dim)  # (R, bs, D)
+    kb, vb = blocks(k, nk, nkb), blocks(v, nk, nkb)  # (B*H*nK, bs*D)
     out = torch.zeros_like(qb)  # (R, bs, D)
 
     counts = mask.sum(dim=-1)
     order = torch.argsort(counts, stable=True)
     kv_order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # allowed ids first, ascending
     counts_sorted = counts[order].tolist()
-    first = next((i for i, c in enumerate(counts_sorted) if c > 0), len(counts_sorted))
+    start = next((i for i, c in enumerate(counts_sorted) if c > 0), len(counts_sorted))
+    ragged = nk % bs != 0
+    tail_pad = torch.arange(bs) >= nk - (nkb - 1) * bs  # key slots of the last block past nk
 
-    # key tokens past nk (padding of the last block) are never attended
-    key_valid = (torch.arange(nkb * block_size) < nk).reshape(nkb, block_size)
-
-    start = first
     while start < len(counts_sorted):
-        # take rows until the padded chunk would exceed the score budget (rows are sorted by count)
-        width = counts_sorted[start]
+        # grow the chunk while its padded score matrix stays under budget (rows are sorted by count)
         stop = start + 1
-        while stop < len(counts_sorted):
-            width = counts_sorted[stop]
-            if (stop + 1 - start) * block_size * width * block_size > _MAX_CHUNK_SCORES:
-                break
+        while (
+            stop < len(counts_sorted)
+            and (stop + 1 - start) * bs * counts_sorted[stop] * bs <= _MAX_CHUNK_SCORES
+        ):
             stop += 1
         width = counts_sorted[stop - 1]
         rows = order[start:stop]  # (c,)
-        bh = torch.div(rows, nqb, rounding_mode="floor")  # (c,)
+        c = len(rows)
         kv_ids = kv_order[rows, :width]  # (c, w)
-        slot_ok = torch.arange(width) < counts[rows].unsqueeze(1)  # (c, w) padding slots of shorter rows
-        tok_ok = (key_valid[kv_ids] & slot_ok.unsqueeze(-1)).reshape(len(rows), 1, width * block_size)
-        kg = kb[bh.unsqueeze(1), kv_ids].reshape(len(rows), width * block_size, dim)  # (c, w*bs, D)
-        vg = vb[bh.unsqueeze(1), kv_ids].reshape(len(rows), width * block_size, dim)
-        scores = torch.baddbmm(
-            torch.zeros((), dtype=compute_dtype), qb[rows], kg.transpose(1, 2), alpha=scale
-        )  # (c, bs, w*bs)
-        scores.masked_fill_(~tok_ok, float("-inf"))
-        # every processed row has >= 1 allowed block whose first key is in range, so no row is all -inf
-        probs = torch.softmax(scores, dim=-1)
-        out[rows] = torch.bmm(probs, vg)
+        flat = (torch.div(rows, nqb, rounding_mode="floor")[:, None] * nkb + kv_ids).reshape(-1)
+        kg = kb.index_select(0, flat).view(c, 1, width * bs, dim)  # (c, 1, w*bs, D)
+        vg = vb.index_select(0, flat).view(c, 1, width * bs, dim)
+        attn_mask = None
+        if counts_sorted[start] < width or ragged:
+            # padding slots of rows with fewer blocks, and keys past nk in the last block, are not attended
+            ok = (torch.arange(width)[None, :] < counts[rows][:, None])[:, :, None].expand(c, width, bs)
+            if ragged:
+                ok = ok & ~((kv_ids == nkb - 1)[:, :, None] & tail_pad[None, None, :])
+            attn_mask = ok.reshape(c, 1, 1, width * bs)
+        # every processed row has >= 1 allowed block whose first key is in range, so no row is fully masked
+        out[rows] = torch.nn.functional.scaled_dot_product_attention(
+            qb[rows].unsqueeze(1), kg, vg, attn_mask=attn_mask, scale=scale
+        ).squeeze(1)
         start = stop
 
-    out = out.reshape(bsz, heads, nqb * block_size, dim)[:, :, :nq]
+    out = out.reshape(bsz, heads, nqb * bs, dim)[:, :, :nq]
     # contiguous: the custom op's fake kernel (and torch.compile's stride asserts) promise a contiguous output
     return out.to(q.dtype).contiguous()
 
