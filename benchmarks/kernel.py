@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import inspect
 import json
 import math
@@ -138,7 +139,9 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     requested = getattr(args, "device", "auto")
     has_cuda = torch.cuda.is_available()
     if requested == "cuda" and not has_cuda:
-        raise ValueError("--device cuda was given but torch sees no CUDA device; use --tiny to run on the CPU")
+        raise ValueError(
+            "--device cuda was given but torch sees no CUDA device; use --tiny to run on the CPU"
+        )
     if requested == "auto":
         device = "cuda" if has_cuda and not tiny else "cpu"
     elif requested in ("cuda", "cpu"):
@@ -146,7 +149,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     else:
         raise ValueError(f"--device must be auto, cuda or cpu, got {requested!r}")
     if device == "cpu" and not tiny and not has_cuda:
-        print("NOTE: no CUDA device found: running the tiny CPU benchmark (--tiny). " + CPU_NOTE + ".", flush=True)
+        print(
+            "NOTE: no CUDA device found: running the tiny CPU benchmark (--tiny). " + CPU_NOTE + ".",
+            flush=True,
+        )
 
     if names:
         shapes = tuple(dict.fromkeys(SHAPES[n] for n in names))
@@ -276,12 +282,18 @@ def _reason(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------- pieces
 
 
-def _index_granularity(block_size: int, head_dim: int, dtype: torch.dtype, seq_len: int) -> tuple[int, int, str]:
+def _index_granularity(
+    block_size: int, head_dim: int, dtype: torch.dtype, seq_len: int
+) -> tuple[int, int, str]:
     """(q, kv) tokens per index block used by the Triton launcher, and where that came from."""
     try:
         from dit_sparse.kernels import triton_attention
     except Exception as exc:  # not written yet, or triton missing
-        return block_size, block_size, f"mask block size (kernels.triton_attention unavailable: {_reason(exc)})"
+        return (
+            block_size,
+            block_size,
+            f"mask block size (kernels.triton_attention unavailable: {_reason(exc)})",
+        )
     for name in _GRANULARITY_FUNCS:
         func = getattr(triton_attention, name, None)
         if not callable(func):
@@ -315,18 +327,21 @@ def _index_granularity(block_size: int, head_dim: int, dtype: torch.dtype, seq_l
     return block_size, block_size, "mask block size (no granularity function in kernels.triton_attention)"
 
 
-def _flex_block_mask(mask: torch.Tensor, block_size: int, seq_len: int) -> Any:
+def _flex_block_mask(
+    mask: torch.Tensor, block_size: int, seq_len: int, *, with_mask_mod: bool = False
+) -> Any:
     """Our bool block mask ``[1, H, nQ, nK]`` as a FlexAttention ``BlockMask``.
 
-    Every allowed block is listed as *full*, so the compiled kernel never evaluates the mask_mod (Flex's fastest
-    case for a block-level mask). The mask_mod says the same thing element-wise, which keeps the BlockMask
-    self-consistent (eager flex_attention ignores the block lists and applies only the mask_mod).
+    Every allowed block is listed as *full*, so the compiled kernel never evaluates a mask_mod (Flex's fastest case
+    for a block-level mask) and the default no-op mask_mod is right. Eager flex_attention ignores the block lists
+    and applies only the mask_mod: ``with_mask_mod=True`` adds one that says the same thing element-wise, for
+    checks on the CPU. The benchmark leaves it off because a closure over each mask would recompile Flex per mask.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     from dit_sparse.kernels.indices import block_mask_to_indices
 
-    num, idx = block_mask_to_indices(mask)
+    num, idx = block_mask_to_indices(mask)  # (1, H, nQ), (1, H, nQ, nK)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return mask[0, h, q_idx // block_size, kv_idx // block_size]
@@ -337,7 +352,7 @@ def _flex_block_mask(mask: torch.Tensor, block_size: int, seq_len: int) -> Any:
         num,
         idx,
         BLOCK_SIZE=block_size,
-        mask_mod=mask_mod,
+        mask_mod=mask_mod if with_mask_mod else None,
         seq_lengths=(seq_len, seq_len),
     )
 
@@ -406,7 +421,7 @@ def _bench_shape(shape: AttentionShape, st: Settings, log: Callable[[str], None]
             try:
                 with sdpa_kernel(backend):
                     out = F.scaled_dot_product_attention(q, k, v)
-                    ms = timer(lambda: F.scaled_dot_product_attention(q, k, v), st.reps, st.warmup)
+                    ms = timer(functools.partial(F.scaled_dot_product_attention, q, k, v), st.reps, st.warmup)
                 entry.update(ms=ms, tflops=_tflops(dense_flops, ms))
                 if baseline is None:
                     baseline, baseline_out = entry, out
@@ -430,19 +445,26 @@ def _bench_shape(shape: AttentionShape, st: Settings, log: Callable[[str], None]
         "dense_baseline": baseline["backend"] if baseline else None,
     }
 
-    gq, gk, gsource = _index_granularity(bs, d, st.dtype, n)
+    if st.device == "cuda":
+        gq, gk, gsource = _index_granularity(bs, d, st.dtype, n)
+    else:  # no Triton import on the CPU: the gather path builds no index
+        gq, gk, gsource = bs, bs, "mask block size (CPU run)"
     masks: list[tuple[str, float | None, torch.Tensor, str]] = []
     for i, density in enumerate(st.densities):
         keep = kv_blocks_per_row(density, nb)
         mask = random_block_mask(h, nb, nb, density, seed=st.seed + 1000 * i + 1, device=st.device)
-        masks.append(("random", density, mask, f"random({keep}/{nb} kv blocks per row, seed={st.seed + 1000 * i + 1})"))
+        masks.append(
+            ("random", density, mask, f"random({keep}/{nb} kv blocks per row, seed={st.seed + 1000 * i + 1})")
+        )
     if st.structured:
         mask, desc = structured_block_mask(h, nb, nb, seed=st.seed + 7, device=st.device)
         masks.append(("structured", None, mask, desc))
 
-    flex_skip: str | None = None if st.flex else ("--no-flex" if st.device == "cuda" else "needs CUDA (CPU run)")
+    flex_skip: str | None = (
+        None if st.flex else ("--no-flex" if st.device == "cuda" else "needs CUDA (CPU run)")
+    )
     rows: list[dict] = []
-    for kind, density, mask, desc in masks:
+    for kind, requested, mask, desc in masks:
         counts = mask.sum(-1).double()  # (1, H, nQ) kv blocks per row
         pairs = int(counts.sum())
         sparse_flops = 4.0 * d * pairs * bs * bs
@@ -453,7 +475,7 @@ def _bench_shape(shape: AttentionShape, st: Settings, log: Callable[[str], None]
             "head_dim": d,
             "mask": kind,
             "mask_desc": desc,
-            "requested_density": density,
+            "requested_density": requested,
             "block_density": pairs / (h * nb * nb),
             "density": float(token_density(mask, bs, n, n)),
             "kv_blocks_per_row_mean": float(counts.mean()),
@@ -468,17 +490,22 @@ def _bench_shape(shape: AttentionShape, st: Settings, log: Callable[[str], None]
         ours_out: torch.Tensor | None = None
         try:
             ours_out = sparse_attention(q, k, v, mask, bs)
-            ms = timer(lambda m=mask: sparse_attention(q, k, v, m, bs), st.reps, st.warmup)
+            ms = timer(functools.partial(sparse_attention, q, k, v, mask, bs), st.reps, st.warmup)
             row.update(ms=ms, tflops=_tflops(sparse_flops, ms))
         except Exception as exc:
             row["error"] = _reason(exc)
         # index build alone, at the launcher's granularity
-        row.update(granularity=[gq, gk], granularity_source=gsource, index_ms=None, index_pct=None)
+        row.update(
+            granularity=[gq, gk], granularity_source=gsource, index_ms=None, index_pct=None, kernel_ms=None
+        )
         if st.device == "cpu":
             row["index_note"] = "the CPU gather path does not use this index; timed for reference"
         try:
-            index_ms = timer(lambda m=mask: build_block_index(m, bs, n, n, gq, gk), st.reps, st.warmup)
+            index_ms = timer(functools.partial(build_block_index, mask, bs, n, n, gq, gk), st.reps, st.warmup)
             row.update(index_ms=index_ms, index_pct=_ratio(100.0 * index_ms, row["ms"]))
+            if row["ms"] is not None and st.device == "cuda":
+                # the Triton launcher builds its index on every call: kernel-only = the call minus the index build
+                row["kernel_ms"] = max(row["ms"] - index_ms, 0.0)
         except Exception as exc:
             row["index_error"] = _reason(exc)
         # FlexAttention with the same blocks
@@ -488,14 +515,14 @@ def _bench_shape(shape: AttentionShape, st: Settings, log: Callable[[str], None]
                 flex = _compiled_flex()
                 block_mask = _flex_block_mask(mask, bs, n)
                 flex_out = flex(q, k, v, block_mask=block_mask)
-                flex_ms = timer(lambda bm=block_mask: flex(q, k, v, block_mask=bm), st.reps, st.warmup)
+                flex_ms = timer(functools.partial(flex, q, k, v, block_mask=block_mask), st.reps, st.warmup)
                 row.update(flex_ms=flex_ms, flex_tflops=_tflops(sparse_flops, flex_ms))
                 if ours_out is not None:
                     row["max_abs_diff_vs_flex"] = _max_abs_diff(ours_out, flex_out)
                 del flex_out, block_mask
             except Exception as exc:
-                row["flex_skipped"] = f"torch.compile(flex_attention) failed: {_reason(exc)}"
-                flex_skip = row["flex_skipped"]  # do not retry a failing compile for every mask
+                row["flex_skipped"] = f"compiled flex_attention failed: {_reason(exc)}"
+                flex_skip = row["flex_skipped"]  # do not retry (and recompile) for every mask of this shape
         if ours_out is not None and baseline_out is not None and pairs == h * nb * nb:
             row["max_abs_diff_vs_dense"] = _max_abs_diff(ours_out, baseline_out)
         if ours_out is not None and st.device == "cpu" and n <= 2048:
@@ -510,9 +537,6 @@ def _bench_shape(shape: AttentionShape, st: Settings, log: Callable[[str], None]
         rows.append(row)
         log(_progress_line(row))
         del ours_out
-    del q, k, v, baseline_out
-    if st.device == "cuda":
-        torch.cuda.empty_cache()
     return shape_info, rows
 
 
@@ -525,7 +549,11 @@ def _fmt_x(x: float | None) -> str:
 
 
 def _progress_line(row: dict) -> str:
-    dens = f"d={row['requested_density']:g}" if row["requested_density"] is not None else f"d≈{row['density']:.2f}"
+    dens = (
+        f"d={row['requested_density']:g}"
+        if row["requested_density"] is not None
+        else f"d≈{row['density']:.2f}"
+    )
     if row["error"]:
         ours = f"ours FAILED ({row['error']})"
     else:
@@ -539,6 +567,7 @@ SPARSE_COLUMNS = (
     "mask",
     "density",
     "ours ms",
+    "kernel ms",
     "TF/s",
     "Flex ms",
     "Flex TF/s",
@@ -563,6 +592,7 @@ def table_rows(result: dict) -> tuple[list[list[str]], list[list[str]]]:
                 r["mask"],
                 dens,
                 "FAILED" if r["error"] else _fmt(r["ms"], ".4g"),
+                _fmt(r["kernel_ms"], ".4g"),
                 _fmt(r["tflops"]),
                 _fmt(r["flex_ms"], ".4g"),
                 _fmt(r["flex_tflops"]),
@@ -610,9 +640,19 @@ def format_markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str
 
 def _explain(result: dict) -> list[str]:
     baselines = sorted({s["dense_baseline"] for s in result["shapes"] if s["dense_baseline"]})
+    if result["device"] == "cuda":
+        ours = (
+            "ours ms: dit_sparse.sparse_attention(q, k, v, mask, block_size) as a user calls it (Triton, index "
+            "build included); index ms: build_block_index alone at the launcher's granularity; kernel ms: ours ms "
+            "- index ms."
+        )
+    else:
+        ours = (
+            "ours ms: dit_sparse.sparse_attention(q, k, v, mask, block_size) on the CPU gather path; index ms: "
+            "build_block_index alone (the gather path does not use it; timed for reference); kernel ms: CUDA only."
+        )
     return [
-        "ours ms: dit_sparse.sparse_attention(q, k, v, mask, block_size) as a user calls it "
-        f"(impl {'triton' if result['device'] == 'cuda' else 'gather'}); index ms: build_block_index alone.",
+        ours,
         "TF/s: computed blocks only, 4·D·Σ allowed block pairs·bs²/t (same token set for ours and Flex); "
         "dense: 4·B·H·N²·D/t.",
         f"× dense: dense ms / ours ms, dense = {', '.join(baselines) or 'none'} SDPA; "
@@ -652,24 +692,31 @@ def render_plain(result: dict) -> str:
     lines = [f"dit-sparse kernel benchmark on {result['device_name']} ({result['device']})"]
     if result["note"]:
         lines.append(f"NOTE: {result['note']}")
-    lines += ["", format_plain(SPARSE_COLUMNS, sparse), "", *_explain(result), "", format_plain(DENSE_COLUMNS, dense)]
+    lines += [
+        "",
+        format_plain(SPARSE_COLUMNS, sparse),
+        "",
+        *_explain(result),
+        "",
+        format_plain(DENSE_COLUMNS, dense),
+    ]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- output
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
             timeout=10,
             check=True,
         )
-        return out.stdout.strip() or None
+        return out.stdout.strip()
     except Exception:
         return None
 
@@ -696,7 +743,11 @@ def versions() -> dict[str, Any]:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "dit_sparse": __version__,
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "HEAD") or None,
+        # tracked files changed since that commit (None: not a git checkout)
+        "git_dirty": None
+        if (status := _git("status", "--porcelain", "--untracked-files=no")) is None
+        else bool(status),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
@@ -770,6 +821,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, P
     for shape in settings.shapes:
         log(f"{shape.label}: N={shape.seq_len}, {shape.heads}×{shape.head_dim}")
         shape_info, rows = _bench_shape(shape, settings, log)
+        if settings.device == "cuda":
+            torch.cuda.empty_cache()  # the shape's tensors died with _bench_shape's frame
         result["shapes"].append(shape_info)
         result["rows"].extend(rows)
     result["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -37,7 +37,12 @@ TINY_SHAPES: tuple[AttentionShape, ...] = (
 
 SHAPES: dict[str, AttentionShape] = {s.name: s for s in (*GPU_SHAPES, *TINY_SHAPES)}
 DEFAULT_DENSITIES: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.05)
-BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128)  # kernels.indices.SUPPORTED_BLOCK_SIZES, without importing torch
+BLOCK_SIZES: tuple[int, ...] = (
+    16,
+    32,
+    64,
+    128,
+)  # kernels.indices.SUPPORTED_BLOCK_SIZES, without importing torch
 
 
 def unknown_shape_message(name: str) -> str:
@@ -125,11 +130,18 @@ def add_kernel_bench_args(parser: argparse.ArgumentParser) -> None:
         help="skip the structured mask (diagonal band + first-column sink + vertical stripes, ≈0.1-0.2 density)",
     )
     parser.add_argument(
-        "--block-size", type=int, choices=BLOCK_SIZES, default=128, help="tokens per mask block (square blocks)"
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=128,
+        help="tokens per mask block (square blocks)",
     )
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="q/k/v dtype")
     parser.add_argument(
-        "--reps", type=_positive_int, default=20, help="at least this many timed runs per measurement (median)"
+        "--reps",
+        type=_positive_int,
+        default=20,
+        help="at least this many timed runs per measurement (median)",
     )
     parser.add_argument(
         "--warmup", type=_non_negative_int, default=5, help="at least this many untimed runs before timing"
@@ -146,7 +158,9 @@ def add_kernel_bench_args(parser: argparse.ArgumentParser) -> None:
         help="tiny shapes on the CPU paths (block-gather vs torch SDPA): proves the benchmark runs, its timings "
         "are not kernel performance. The default when no CUDA device is present",
     )
-    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (torch.compile of flex_attention)")
+    parser.add_argument(
+        "--no-flex", action="store_true", help="skip FlexAttention (torch.compile of flex_attention)"
+    )
     parser.add_argument(
         "--device",
         choices=("auto", "cuda", "cpu"),
