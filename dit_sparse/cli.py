@@ -15,6 +15,30 @@ def _bench_kernel(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from dit_sparse.generate import run
+
+    run(args)
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from dit_sparse.generate import add_generate_args
+
+    gen = sub.add_parser(
+        "generate",
+        help="prompt -> video, dense and sparse; prints time, density, speedup, PSNR/SSIM",
+        description=(
+            "Generate a video with a diffusers pipeline, dense and/or with sparse attention, and compare them: wall "
+            "time, mean attention density, speedup, PSNR and SSIM per frame. Writes dense.mp4, sparse.mp4, "
+            "side_by_side.mp4 and report.json into a new folder under --out. Default: the bundled tiny model."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_generate_args(gen)
+    gen.set_defaults(func=_generate)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
@@ -50,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dit-sparse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_generate(sub)
     _add_bench(sub)
     return parser
 

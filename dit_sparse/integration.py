@@ -548,7 +548,7 @@ class SparseHandle:
         if self.removed:
             return
         for module, proc in self._originals:
-            module.set_processor(proc)  # type: ignore[operator]
+            set_module_processor(module, proc)
         for b in self.bindings:
             _remove_root_hook(b.transformer)
         self.removed = True
@@ -621,7 +621,7 @@ def apply(
                 new._parallel_config = getattr(old, "_parallel_config", None)
                 new._bind(module, binding, layer)
                 handle._originals.append((module, old))
-                module.set_processor(new)  # type: ignore[operator]
+                set_module_processor(module, new)
     except BaseException:
         handle.remove()
         raise
@@ -629,8 +629,15 @@ def apply(
 
 
 def _attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [
-        (n, m)
-        for n, m in transformer.named_modules()
-        if hasattr(m, "set_processor") and hasattr(m, "processor")
-    ]
+    """Every module with an attention processor (``Attention``, ``AttentionModuleMixin``, ``MochiAttention``)."""
+    return [(n, m) for n, m in transformer.named_modules() if callable(getattr(m, "processor", None))]
+
+
+def set_module_processor(module: torch.nn.Module, processor: Any) -> None:
+    """``module.set_processor(p)`` where the class has it; plain assignment for ``MochiAttention``, which has only
+    a ``processor`` attribute in diffusers 0.42."""
+    setter = getattr(module, "set_processor", None)
+    if callable(setter):
+        setter(processor)
+    else:
+        module.processor = processor

@@ -13,31 +13,17 @@ the model does. ``dense_fn`` runs the stock loop and writes each sample's output
 padded text rows), so it has the layout of ``q``; the result of the core is then packed the way the stock processor
 packs it. A dense profile is therefore bit-identical to no plugin.
 
-``MochiAttention`` is not an ``AttentionModuleMixin`` and has no ``set_processor`` (only a ``processor`` attribute);
-see :func:`_ensure_set_processor`.
+``MochiAttention`` is not an ``AttentionModuleMixin`` and has no ``set_processor`` (only a ``processor`` attribute):
+the core swaps processors with ``dit_sparse.integration.set_module_processor``, which handles that.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 
 from .base import Core, ForwardInputs, ModelFamily
-
-
-def _set_processor(self: torch.nn.Module, processor: Any) -> None:
-    self.processor = processor
-
-
-def _ensure_set_processor(module: torch.nn.Module) -> None:
-    """``dit_sparse.apply()`` / ``handle.remove()`` swap processors with ``module.set_processor(p)``, which diffusers'
-    ``MochiAttention`` (0.42) lacks: its forward just calls ``self.processor``. Give this *instance* the equivalent
-    method (``self.processor = p``); the class is not touched. (A ``set_processor`` fallback in the core would make
-    this unnecessary.)"""
-    if not hasattr(module, "set_processor") and hasattr(module, "processor"):
-        module.set_processor = types.MethodType(_set_processor, module)  # type: ignore[assignment]
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -57,12 +43,6 @@ class MochiFamily(ModelFamily):
     text_position = "last"
     self_attention_paths = ("transformer_blocks.*.attn1",)
     description = "Mochi 1 text-to-video (joint attention, text last)"
-
-    def self_attention_modules(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-        found = super().self_attention_modules(transformer)
-        for _, module in found:
-            _ensure_set_processor(module)
-        return found
 
     def read_inputs(self, transformer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardInputs:
         a = self.bind_arguments(transformer, args, kwargs)
