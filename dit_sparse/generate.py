@@ -153,7 +153,7 @@ def frame_metrics(dense: Any, sparse: Any) -> dict[str, Any]:
     b = torch.from_numpy(dense).permute(0, 3, 1, 2).double()
     psnr = [float(peak_signal_noise_ratio(a[i : i + 1], b[i : i + 1], data_range=1.0)) for i in range(len(a))]
     ssim = [
-        float(structural_similarity_index_measure(a[i : i + 1], b[i : i + 1], data_range=1.0))
+        _scalar(structural_similarity_index_measure(a[i : i + 1], b[i : i + 1], data_range=1.0))
         for i in range(len(a))
     ]
     finite = [p for p in psnr if math.isfinite(p)]
@@ -165,6 +165,10 @@ def frame_metrics(dense: Any, sparse: Any) -> dict[str, Any]:
         "ssim_mean": sum(ssim) / len(ssim),
         "ssim_min": min(ssim),
     }
+
+
+def _scalar(x: Any) -> float:
+    return float(x[0] if isinstance(x, tuple) else x)
 
 
 # ------------------------------------------------------------------------------------------------ outputs

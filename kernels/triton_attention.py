@@ -379,8 +379,8 @@ def triton_sparse_attention(
 
     if interpreting:
         cfg = _INTERPRET_CONFIG
-        grid = (triton.cdiv(nq, cfg["BLOCK_M"]), bsz * heads)
-        _block_sparse_fwd[grid](*args, **meta, **cfg, num_warps=4)
+        fixed_grid = (triton.cdiv(nq, cfg["BLOCK_M"]), bsz * heads)
+        _block_sparse_fwd[fixed_grid](*args, **meta, **cfg, num_warps=4)
         return out
 
     def grid(meta_: dict) -> tuple[int, int]:

@@ -38,7 +38,9 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
 VAE_CONFIG: dict[str, Any] = dict(
     base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
 )
-DEFAULTS: dict[str, Any] = dict(height=128, width=128, num_frames=65, num_inference_steps=16, guidance_scale=5.0)
+DEFAULTS: dict[str, Any] = dict(
+    height=128, width=128, num_frames=65, num_inference_steps=16, guidance_scale=5.0
+)
 
 
 def is_trained() -> bool:
@@ -47,7 +49,12 @@ def is_trained() -> bool:
 
 def load_tiny_pipeline(seed: int = 0) -> Any:
     """The bundled model: trained weights from ``pipelines/tiny_model/`` when present, else the seeded untrained one."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
 
     if is_trained():
         pipe = WanPipeline.from_pretrained(str(MODEL_DIR), local_files_only=True)

@@ -47,5 +47,7 @@ def test_shipped_profiles_are_valid_json_profiles():
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "dit_sparse", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "dit_sparse", "--help"], capture_output=True, text=True, check=True
+    )
     assert "generate" in out.stdout and "bench" in out.stdout
