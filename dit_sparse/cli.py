@@ -64,6 +64,54 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     kernel.set_defaults(func=_bench_kernel)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from dit_sparse.app.ui import launch  # gradio is imported here only, never at CLI start-up
+    except ImportError as exc:
+        print(
+            f"error: the demo needs gradio ({exc}); install it with: pip install 'dit-sparse[demo]'",
+            file=sys.stderr,
+        )
+        return 2
+    from dit_sparse.app.core import DemoError
+
+    try:
+        launch(model=args.model, profile=args.profile, host=args.host, port=args.port, share=args.share)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="the Gradio app: dense vs sparse generations side by side",
+        description=(
+            "Serve a Gradio app that generates one prompt dense and sparse and shows both videos, wall times, "
+            "speedup, density, PSNR/SSIM per frame, a per-layer x head density heatmap and block masks. Works "
+            "offline on the bundled tiny model. Needs gradio: pip install 'dit-sparse[demo]'."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (bundled) or a diffusers model id / local folder (local cache only)",
+    )
+    demo.add_argument(
+        "--profile",
+        default="auto",
+        help="profile JSON offered first in the app, or 'auto' (the shipped ones)",
+    )
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network"
+    )
+    demo.add_argument("--port", type=int, default=7860, help="port to serve on")
+    demo.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    demo.set_defaults(func=_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dit_sparse import __version__
 
@@ -76,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_generate(sub)
     _add_bench(sub)
+    _add_demo(sub)
     return parser
 
 
