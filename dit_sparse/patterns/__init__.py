@@ -63,7 +63,55 @@ def pattern_name(name: str, params: dict[str, Any]) -> str:
     full = validate_pattern(name, params)
     if not full:
         return name
-    return f"{name}(" + ",".join(f"{k}={v}" for k, v in sorted(full.items())) + ")"
+    return f"{name}(" + ",".join(f"{k}={_format_param(v)}" for k, v in sorted(full.items())) + ")"
+
+
+def _format_param(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_format_param(x) for x in v) + "]"
+    return str(v)
+
+
+def parse_pattern_name(text: str) -> tuple[str, dict[str, Any]]:
+    """Inverse of :func:`pattern_name`: ``'window(f=1,h=4,w=4)'`` -> ``('window', {'f': 1, 'h': 4, 'w': 4})``."""
+    text = text.strip()
+    name, sep, rest = text.partition("(")
+    if sep and not rest.endswith(")"):
+        raise ValueError(f"pattern name {text!r} must look like name or name(key=value,...)")
+    params: dict[str, Any] = {}
+    for item in _split_top(rest[:-1]) if sep else []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"pattern name {text!r}: parameter {item!r} must be key=value")
+        params[key.strip()] = _parse_value(value.strip())
+    validate_pattern(name, params)
+    return name, params
+
+
+def _split_top(s: str) -> list[str]:
+    """Split on commas outside brackets."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*parts, cur] if cur or parts else []
+
+
+def _parse_value(v: str) -> Any:
+    if v.startswith("[") and v.endswith("]"):
+        return [_parse_value(x.strip()) for x in _split_top(v[1:-1])]
+    if v in ("True", "False"):
+        return v == "True"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 def build_pattern(
@@ -157,7 +205,10 @@ __all__ = [
     "build_layer_mask",
     "build_pattern",
     "force_text_dense",
+    "parse_pattern_name",
     "pattern_name",
     "register",
     "validate_pattern",
 ]
+
+from . import static  # noqa: E402,F401
