@@ -1,0 +1,282 @@
+"""Sparse attention under diffusers' context parallelism (``transformer.enable_parallelism(...)``).
+
+With Ulysses (``ContextParallelConfig(ulysses_degree=N)``, ring degree 1) every rank projects q/k/v for its
+sequence shard, an all-to-all swaps the sequence split for a head split, and the inner attention sees the **full
+sequence** and a contiguous slice of **global heads** ``[r·⌈H/N⌉, …)`` (``r`` = the rank in the Ulysses group).
+dit-sparse runs its kernel exactly there: as the ``forward_op`` of diffusers' private
+``_templated_context_parallel_attention`` (diffusers 0.42; feature-detected, see :func:`templated_cp_attention`).
+So each rank computes the same blocks a single process would for its heads, indexed by global head.
+
+Token order after the all-to-all is the concatenation of the ranks' shards. Which tokens a shard holds depends on
+the model's ``_cp_plan``:
+
+* Wan, LTX-Video: self-attention is video only and one contiguous sequence is split, so the order is unchanged;
+* FLUX, Qwen-Image: text and image are split **separately** and each rank concatenates ``[text_r, image_r]``, so
+  the gathered order is ``[text_0, image_0, text_1, image_1, …]``. The forward op gathers the tokens into the
+  canonical ``[text, image]`` order the block masks are built for, and scatters the output back.
+
+Shard sizes follow ``tensor_split`` (``chunk`` for equal shards, which diffusers requires unless
+``ulysses_anything=True``); with ``ulysses_anything`` heads are padded to a multiple of N, so rank ``r`` holds global
+heads from ``r·⌈H/N⌉`` and the last rank may hold fewer.
+
+Not sparse (run dense through the model's own backend, said once in a warning and in the run report): ring
+attention and ring × Ulysses (the ring's per-chunk forward op is not told which key chunk it holds and must return
+an exact LSE), families without a known context-parallel token layout, and text padding masks under context
+parallelism.
+
+Order of calls: ``dit_sparse.apply()`` **after** ``enable_parallelism()``. The root hook must see the full
+transformer inputs to read the latent grid; FLUX's ``_cp_plan`` splits the transformer's own inputs with a hook on
+the transformer itself, and diffusers runs the hook registered last first. The other order raises a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .patterns import MaskLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .integration import TransformerBinding
+
+# How each family's diffusers ``_cp_plan`` shards the self-attention sequence:
+#   "whole":    the whole sequence is one contiguous split (video-only self-attention)
+#   "segments": text and video are split separately; each rank's local sequence is [text_r, video_r] (text first)
+# A family may also declare ``cp_sharding`` itself (a class attribute with one of these values), which wins.
+CP_SHARDING: dict[str, str] = {"wan": "whole", "ltx": "whole", "flux": "segments", "qwen_image": "segments"}
+
+
+class ContextParallelError(RuntimeError):
+    """dit-sparse cannot run under this context-parallel setup (and running dense would hide a bug)."""
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+def split_sizes(n: int, world: int) -> list[int]:
+    """Sizes of ``torch.tensor_split(range(n), world)`` (= ``chunk`` when ``world`` divides ``n``)."""
+    base, extra = divmod(n, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+def segment_lengths(layout: MaskLayout, sharding: str) -> list[int]:
+    """Lengths of the independently sharded segments of the self-attention sequence, in local (= canonical) order."""
+    if sharding == "whole" or layout.num_text == 0:
+        return [layout.seq_len]
+    if sharding == "segments":
+        segs = (
+            [layout.num_text, layout.num_video] if layout.text_first else [layout.num_video, layout.num_text]
+        )
+        return [s for s in segs if s]
+    raise ValueError(f"unknown context-parallel sharding {sharding!r}; expected 'whole' or 'segments'")
+
+
+def gathered_order(segments: Sequence[int], world: int) -> torch.Tensor:
+    """``(S,)`` int64: canonical index of the token at each position of the post-all-to-all sequence.
+
+    Canonical order = the segments concatenated; each segment is split over ``world`` ranks (tensor_split sizes),
+    rank ``r``'s local sequence is its shard of every segment in order, and the all-to-all concatenates ranks.
+    """
+    starts = [0]
+    for n in segments:
+        starts.append(starts[-1] + n)
+    pieces = []
+    sizes = [split_sizes(n, world) for n in segments]
+    for r in range(world):
+        for s, n_sizes in enumerate(sizes):
+            lo = starts[s] + sum(n_sizes[:r])
+            pieces.append(torch.arange(lo, lo + n_sizes[r]))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+
+
+def local_length(segments: Sequence[int], world: int, rank: int) -> int:
+    """Tokens rank ``rank`` holds before the all-to-all."""
+    return sum(split_sizes(n, world)[rank] for n in segments)
+
+
+def head_slice(num_heads: int, world: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of the global heads Ulysses rank ``rank`` holds (heads padded to a multiple of ``world``)."""
+    per = -(-num_heads // world)
+    start = min(rank * per, num_heads)
+    return start, min(start + per, num_heads)
+
+
+@functools.lru_cache(maxsize=64)
+def _orders(segments: tuple[int, ...], world: int, device: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(post-a2a position -> canonical token, its inverse, whether both are the identity), cached on ``device``."""
+    order = gathered_order(segments, world)
+    identity = bool(torch.equal(order, torch.arange(order.numel())))
+    return order.to(device), torch.argsort(order).to(device), identity
+
+
+# ---------------------------------------------------------------------------------------------------- diffusers
+def templated_cp_attention() -> Callable[..., Any]:
+    """diffusers' private ``_templated_context_parallel_attention`` (checked to exist with the expected keywords)."""
+    import inspect
+
+    import diffusers
+    from diffusers.models import attention_dispatch
+
+    fn = getattr(attention_dispatch, "_templated_context_parallel_attention", None)
+    params = set(inspect.signature(fn).parameters) if callable(fn) else set()
+    if not {"forward_op", "backward_op", "_parallel_config"} <= params:
+        raise ContextParallelError(
+            "dit-sparse runs its kernel inside diffusers' private "
+            "diffusers.models.attention_dispatch._templated_context_parallel_attention(..., forward_op=, "
+            f"backward_op=, _parallel_config=), which diffusers {diffusers.__version__} does not provide; install "
+            "the supported range: pip install 'diffusers>=0.42,<0.43'"
+        )
+    assert fn is not None
+    return fn
+
+
+def _sharding_of(family: Any) -> str | None:
+    return getattr(family, "cp_sharding", None) or CP_SHARDING.get(getattr(family, "name", ""))
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    raise NotImplementedError(
+        "dit-sparse's context-parallel sparse attention is inference-only (no backward)"
+    )
+
+
+def _dense(binding: TransformerBinding, key: tuple[int, int], warn_key: str, why: str, dense_fn: Any) -> Any:
+    binding.warn_once(warn_key, f"dit-sparse: {why}; attention runs dense (correct, not faster)")
+    binding.runs[-1].dense[key] = f"{why}: dense"
+    return dense_fn()
+
+
+# ---------------------------------------------------------------------------------------------------- core
+def context_parallel_core(
+    binding: TransformerBinding,
+    layer: int,
+    proc: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dense_fn: Callable[[], torch.Tensor],
+    layout: str,
+    scale: float | None,
+    text_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """The sparse core of one layer whose processor carries a diffusers ``_parallel_config`` (q/k/v are the local
+    sequence shard, all heads). Ulysses runs sparse; everything else runs ``dense_fn`` and says why."""
+    key = (layer, binding.state.step)
+    cp = getattr(proc._parallel_config, "context_parallel_config", None)
+    if cp is None:
+        return _dense(binding, key, "cp-none", "a parallel config without context parallelism", dense_fn)
+    if cp.ring_degree > 1:
+        kind = "ring attention" if cp.ulysses_degree == 1 else "ring × Ulysses attention"
+        return _dense(
+            binding,
+            key,
+            "cp-ring",
+            f"context parallelism with {kind} (ring degree {cp.ring_degree})",
+            dense_fn,
+        )
+    sharding = _sharding_of(binding.family)
+    if sharding is None:
+        why = f"no context-parallel token layout is known for the {binding.family.name} family"
+        return _dense(binding, key, "cp-family", why, dense_fn)
+    if text_valid is not None and not bool(text_valid.all()):
+        return _dense(binding, key, "cp-text-pad", "padded text under context parallelism", dense_fn)
+
+    bshd = layout == "bshd"
+    qs, ks, vs = (
+        (q, k, v) if bshd else (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    )  # (B, S_loc, H, D)
+    inputs = binding.state.inputs
+    mlayout = MaskLayout(inputs.grid, inputs.num_text, inputs.text_first, binding.profile.block_size)
+    world, rank = int(cp.ulysses_degree), int(cp._ulysses_local_rank)
+    segments = segment_lengths(mlayout, sharding)
+    expect_local = local_length(segments, world, rank)
+    if qs.shape[1] != expect_local or ks.shape[1] != expect_local:
+        raise ContextParallelError(
+            f"dit-sparse layer {layer}: Ulysses rank {rank}/{world} holds {qs.shape[1]} query and {ks.shape[1]} key "
+            f"tokens, but the latent grid {inputs.grid} with {inputs.num_text} text tokens gives {expect_local} per "
+            "rank. Call dit_sparse.apply() AFTER transformer.enable_parallelism(): the root hook must see the "
+            "unsplit transformer inputs. If that is already the order, the model's cp_plan shards the sequence in "
+            f"a way the {binding.family.name} adapter does not know (please report it)."
+        )
+    if qs.shape[2] != binding.profile.fingerprint.num_heads:
+        raise ContextParallelError(
+            f"dit-sparse layer {layer}: attention sees {qs.shape[2]} heads before the all-to-all, the profile has "
+            f"{binding.profile.fingerprint.num_heads} (tensor parallelism is not supported)"
+        )
+    op = UlyssesSparseOp(binding, layer, mlayout, segments, world, rank)
+    out = templated_cp_attention()(
+        qs,
+        ks,
+        vs,
+        None,  # attn_mask
+        0.0,  # dropout_p
+        False,  # is_causal
+        scale,
+        False,  # enable_gqa
+        False,  # return_lse
+        forward_op=op,
+        backward_op=_backward,
+        _parallel_config=proc._parallel_config,
+    )  # (B, S_loc, H, D)
+    binding.runs[-1].density[key] = op.density
+    return out if bshd else out.transpose(1, 2)
+
+
+class UlyssesSparseOp:
+    """``forward_op`` for ``_templated_context_parallel_attention``: (B, S_full, H_local, D) in post-all-to-all token
+    order and this rank's global heads -> sparse attention output in the same layout."""
+
+    def __init__(
+        self,
+        binding: TransformerBinding,
+        layer: int,
+        mlayout: MaskLayout,
+        segments: Sequence[int],
+        world: int,
+        rank: int,
+    ) -> None:
+        self.binding, self.layer, self.mlayout = binding, layer, mlayout
+        self.segments, self.world, self.rank = list(segments), world, rank
+        self.density = 1.0
+
+    def __call__(
+        self,
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        return_lse: bool = False,
+        _save_ctx: bool = True,
+        _parallel_config: Any = None,
+    ) -> torch.Tensor:
+        if return_lse or attn_mask is not None or dropout_p or is_causal:
+            raise ContextParallelError(
+                "dit-sparse's Ulysses forward op got return_lse/attn_mask/dropout/is_causal; it only runs "
+                "inference self-attention without a mask (this is a dit-sparse bug, please report it)"
+            )
+        n = query.shape[1]
+        if n != self.mlayout.seq_len:
+            raise ContextParallelError(
+                f"dit-sparse layer {self.layer}: after the Ulysses all-to-all attention sees {n} tokens, the layout "
+                f"has {self.mlayout.seq_len}"
+            )
+        heads = self.binding.profile.fingerprint.num_heads
+        h0, h1 = head_slice(heads, self.world, self.rank)
+        if query.shape[2] != h1 - h0:
+            raise ContextParallelError(
+                f"dit-sparse layer {self.layer}: Ulysses rank {self.rank}/{self.world} holds {query.shape[2]} heads, "
+                f"expected global heads [{h0}, {h1}) of {heads}"
+            )
+        order, to_canon, identity = _orders(tuple(self.segments), self.world, str(query.device))
+        qh, kh, vh = (
+            (x if identity else x.index_select(1, to_canon)).transpose(1, 2) for x in (query, key, value)
+        )  # (B, H_local, S, D), canonical order
+        mask, self.density = self.binding.layer_mask(self.layer, self.mlayout, query.device)  # (1, H, nB, nB)
+        out = self.binding._kernel(qh, kh, vh, mask[:, h0:h1], scale).transpose(1, 2)  # (B, S, H_local, D)
+        return out if identity else out.index_select(1, order)

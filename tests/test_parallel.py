@@ -1,0 +1,357 @@
+"""Context parallelism (diffusers ``enable_parallelism``) with two CPU processes over gloo.
+
+One ``torch.multiprocessing`` spawn of two workers runs every multi-rank case (tiny Wan and FLUX pipelines, Ulysses-2
+and Ring-2, no plugin / dense profile / sparse profile); rank 0 saves the outputs and run reports, and the tests
+compare them with oracles computed here in one process:
+
+* dense profile under CP == no plugin under CP, bit for bit (dense goes through the model's own CP backend);
+* sparse under Ulysses-2 == the same sparse profile on one process (the kernel sees the same full sequence and the
+  same blocks per global head; only the projection matmuls run on shards, so equal to fp32 rounding);
+* ring-2 runs dense (== no plugin under ring-2) and the run report says why.
+
+**Documented patches, in the two worker processes only** (the parent test process is untouched):
+
+1. diffusers 0.42 computes ``rank % torch.accelerator.device_count()`` in ``enable_parallelism``, which divides by
+   zero on a CPU-only machine: each worker sets ``torch.accelerator.device_count = lambda: 1``.
+2. Ring attention needs a backend whose forward op returns the log-sum-exp; diffusers' only CPU backend
+   (``native``) refuses ``return_lse``, and the LSE-capable ones (cuDNN, flash, sage) are CUDA-only. For the ring
+   cases only, the worker swaps the ``native`` registry entry for a CPU fp32 math attention that returns the LSE
+   (:func:`_native_with_lse`), and restores it afterwards. Both the no-plugin and the plugin ring runs use it, so
+   "ring runs dense through the model's own backend" is still compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import dit_sparse
+from dit_sparse import Profile
+from dit_sparse.parallel import gathered_order, head_slice, local_length, segment_lengths, split_sizes
+from dit_sparse.patterns import MaskLayout
+from dit_sparse.profile import HeadSpec
+
+BLOCK = 16
+# Wan: 64×96 px, 9 frames -> latent grid (3, 4, 6) after patching = 72 tokens (4.5 blocks of 16)
+WAN_RES = dict(height=64, width=96, frames=9)
+# FLUX: 128×144 px -> 8×9 = 72 image tokens + 8 text tokens: 4 text + 36 image tokens per rank
+FLUX_RES = dict(height=128, width=144)
+FULL_GRID = {"wan": (3, 4, 6), "flux": (1, 8, 9)}
+WINDOW = ("window", {"f": 0, "h": 1, "w": 1})
+WINDOW_HEAD_1 = ("window", {"f": 0, "h": 0, "w": 0})
+SPARSE_REL_TOL = 1e-5  # fp32 rounding of sharded vs whole projections, through 2 layers × 2 steps × CFG
+WORKER_TIMEOUT_S = 300  # the workers take a few seconds; a hang (e.g. a gloo rendezvous) fails instead
+
+
+# ---------------------------------------------------------------------------------------------------- pure layout
+def _simulate(segments: list[int], world: int) -> torch.Tensor:
+    """Brute force: shard each segment of a labelled sequence with tensor_split, concat per rank, concat ranks."""
+    canon = torch.arange(sum(segments))
+    parts = canon.split(segments)
+    shards = [torch.cat([p.tensor_split(world)[r] for p in parts]) for r in range(world)]
+    return torch.cat(shards)
+
+
+_SEGMENTS = [[72], [8, 72], [5, 63], [3], [7, 0, 4], [256, 4096]]
+
+
+# diffusers refuses to shard a segment shorter than the world size: those combinations are not generated
+@pytest.mark.parametrize(
+    "segments,world",
+    [(s, w) for s in _SEGMENTS for w in (1, 2, 3, 8) if min(x for x in s if x) >= w],
+)
+def test_gathered_order_matches_tensor_split_concat(segments, world):
+    segs = [s for s in segments if s]
+    order = gathered_order(segs, world)
+    assert torch.equal(order, _simulate(segs, world))
+    assert sum(local_length(segs, world, r) for r in range(world)) == sum(segs)
+    assert split_sizes(sum(segs), world) == [len(x) for x in torch.arange(sum(segs)).tensor_split(world)]
+
+
+def test_segment_lengths_and_head_slices():
+    flux = MaskLayout((1, 8, 9), num_text=8, text_first=True, block_size=16)
+    assert segment_lengths(flux, "segments") == [8, 72]
+    assert segment_lengths(flux, "whole") == [80]
+    hunyuan = MaskLayout((2, 3, 4), num_text=5, text_first=False)
+    assert segment_lengths(hunyuan, "segments") == [24, 5]
+    assert segment_lengths(MaskLayout((2, 3, 4)), "segments") == [24]  # no text: one segment
+    with pytest.raises(ValueError, match="sharding"):
+        segment_lengths(flux, "rows")
+    assert [head_slice(40, 8, r) for r in range(8)] == [(5 * r, 5 * r + 5) for r in range(8)]
+    # ulysses_anything pads 30 heads to 32 over 8 ranks: 4 per rank, the last rank holds 2
+    assert [head_slice(30, 8, r) for r in (0, 6, 7)] == [(0, 4), (24, 28), (28, 30)]
+
+
+# ---------------------------------------------------------------------------------------------------- two ranks
+def _wan_pipe():
+    from tiny_wan import tiny_wan_pipeline
+
+    return tiny_wan_pipeline(seed=0)
+
+
+def _wan_run(pipe) -> torch.Tensor:
+    from tiny_wan import run
+
+    return run(pipe, steps=2, **WAN_RES)
+
+
+def _flux_pipe():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from test_family_flux import tiny_flux_transformer
+
+    p = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=tiny_flux_transformer(),
+    )
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _flux_run(pipe) -> torch.Tensor:
+    from test_family_flux import run
+
+    return run(pipe, steps=2, **FLUX_RES)
+
+
+MODELS: dict[str, tuple[Callable[[], Any], Callable[[Any], torch.Tensor]]] = {
+    "wan": (_wan_pipe, _wan_run),
+    "flux": (_flux_pipe, _flux_run),
+}
+
+
+def _profile(pipe: Any, kind: str) -> Profile | None:
+    if kind == "plain":
+        return None
+    if kind == "dense":
+        return Profile.dense(pipe.transformer)
+    prof = Profile.uniform(pipe.transformer, WINDOW[0], WINDOW[1], block_size=BLOCK)
+    for (
+        heads
+    ) in prof.layers:  # global head 1 (rank 1's head under Ulysses-2) differs: catches a wrong head offset
+        heads[1] = HeadSpec(*WINDOW_HEAD_1)
+    return prof
+
+
+def _math_lse_forward_op(
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _save_ctx=True,
+    _parallel_config=None,
+):
+    q, k, v = (x.transpose(1, 2).float() for x in (query, key, value))  # (B, H, S, D)
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, H, Sq, Sk)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
+    out = (torch.softmax(scores, dim=-1) @ v).to(query.dtype).transpose(1, 2)  # (B, Sq, H, D)
+    return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+def _native_with_lse(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _parallel_config=None,
+):
+    """Test-only stand-in for diffusers' ``native`` backend that can run ring attention on CPU (see module doc)."""
+    from diffusers.models.attention_dispatch import _native_attention, _templated_context_parallel_attention
+
+    if _parallel_config is None:  # e.g. Wan's cross-attention: the stock backend
+        return _native_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse
+        )
+    if attn_mask is not None:
+        raise AssertionError("the ring test backend only serves context-parallel attention without a mask")
+
+    def no_backward(*args: Any) -> Any:
+        raise NotImplementedError
+
+    return _templated_context_parallel_attention(
+        query,
+        key,
+        value,
+        None,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        return_lse,
+        forward_op=_math_lse_forward_op,
+        backward_op=no_backward,
+        _parallel_config=_parallel_config,
+    )
+
+
+@contextlib.contextmanager
+def _ring_capable_native_backend():
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    backends = _AttentionBackendRegistry._backends
+    original = backends[AttentionBackendName.NATIVE]
+    backends[AttentionBackendName.NATIVE] = _native_with_lse
+    try:
+        yield
+    finally:
+        backends[AttentionBackendName.NATIVE] = original
+
+
+def _case(model: str, kind: str, cp: dict[str, int] | None) -> dict[str, Any]:
+    if cp is not None and cp.get("ring_degree", 1) > 1:
+        with _ring_capable_native_backend():
+            return _run_case(model, kind, cp)
+    return _run_case(model, kind, cp)
+
+
+def _run_case(model: str, kind: str, cp: dict[str, int] | None) -> dict[str, Any]:
+    """Build the tiny pipeline, enable CP (if given), apply the profile AFTER enable_parallelism, run it."""
+    import warnings
+
+    build, run = MODELS[model]
+    pipe = build()
+    if cp is not None:
+        from diffusers import ContextParallelConfig
+
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(**cp))
+    prof = _profile(pipe, kind)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if prof is None:
+            return {"out": run(pipe)}
+        with dit_sparse.apply(pipe, prof) as handle:
+            out = run(pipe)
+            report = handle.report().to_dict()
+            grids = list(handle.report().grids)
+    msgs = [str(w.message) for w in caught if "dit-sparse" in str(w.message)]
+    return {"out": out, "report": report, "grids": grids, "warnings": msgs}
+
+
+CASES = [
+    (model, kind, name, cp)
+    for model in ("wan", "flux")
+    for name, cp in (("u2", {"ulysses_degree": 2}), ("r2", {"ring_degree": 2}))
+    for kind in ("plain", "dense", "sparse")
+    if not (name == "r2" and kind == "dense")
+]
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    # The documented patch (module docstring): diffusers needs a non-zero device count; CPU-only torch reports 0.
+    torch.accelerator.device_count = lambda: 1  # type: ignore[method-assign]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {f"{m}-{k}-{n}": _case(m, k, cp) for m, k, n, cp in CASES}
+        if rank == 0:
+            torch.save(results, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> dict[str, Any]:
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    # fork where the OS has it: the workers inherit this process's imported torch/diffusers (about 3 s for every
+    # case instead of about 40 s of imports in two spawned interpreters on a 2-core machine)
+    import diffusers  # noqa: F401  (imported before the fork on purpose)
+    from diffusers import ContextParallelConfig, FluxPipeline, WanPipeline  # noqa: F401
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "results.pt")
+        ctx = mp.start_processes(
+            _worker, args=(2, _free_port(), path), nprocs=2, join=False, start_method=method
+        )
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"the two gloo workers did not finish within {WORKER_TIMEOUT_S} s (killed)")
+        return torch.load(path, weights_only=False)
+
+
+def _single(model: str, kind: str) -> torch.Tensor:
+    build, run = MODELS[model]
+    pipe = build()
+    prof = _profile(pipe, kind)
+    if prof is None:
+        return run(pipe)
+    with dit_sparse.apply(pipe, prof):
+        return run(pipe)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("model", ["wan", "flux"])
+def test_dense_profile_under_ulysses_equals_no_plugin(two_ranks, model):
+    res = two_ranks
+    assert torch.equal(res[f"{model}-dense-u2"]["out"], res[f"{model}-plain-u2"]["out"])
+    assert res[f"{model}-dense-u2"]["report"]["mean_density"] == 1.0
+    # and no-plugin CP itself agrees with one process (sanity of the harness, not of dit-sparse)
+    assert _rel(res[f"{model}-plain-u2"]["out"], _single(model, "plain")) < SPARSE_REL_TOL
+
+
+@pytest.mark.parametrize("model", ["wan", "flux"])
+def test_sparse_under_ulysses_equals_sparse_on_one_process(two_ranks, model):
+    got = two_ranks[f"{model}-sparse-u2"]
+    want = _single(model, "sparse")
+    assert _rel(got["out"], want) < SPARSE_REL_TOL
+    rep = got["report"]
+    assert not rep["dense_calls"] and not rep["fallbacks"] and not got["warnings"]
+    assert 0 < rep["mean_density"] < 1.0
+    # the root hook read the full latent grid (it runs before diffusers' CP split), not a rank's shard
+    assert got["grids"] == [FULL_GRID[model]]
+    # really sparse: far from dense
+    assert _rel(got["out"], two_ranks[f"{model}-plain-u2"]["out"]) > 100 * SPARSE_REL_TOL
+
+
+@pytest.mark.parametrize("model", ["wan", "flux"])
+def test_ring_runs_dense_and_says_so(two_ranks, model):
+    got = two_ranks[f"{model}-sparse-r2"]
+    assert torch.equal(got["out"], two_ranks[f"{model}-plain-r2"]["out"])
+    rep = got["report"]
+    assert rep["mean_density"] == 1.0 and not rep["per_layer_step_density"]
+    assert rep["dense_calls"] and all("ring attention" in why for why in rep["dense_calls"].values())
+    assert len(rep["fallbacks"]) == 1 and "ring attention" in rep["fallbacks"][0]
+    assert len(got["warnings"]) == 1 and "dense" in got["warnings"][0]
