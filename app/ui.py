@@ -244,13 +244,14 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                     sparse_video = gr.Video(
                         label="sparse", autoplay=True, loop=True, interactive=False, elem_id="sparse_video"
                     )
-                pair_video = gr.Video(
-                    label="dense | sparse (one clip, in sync)",
-                    autoplay=True,
-                    loop=True,
-                    interactive=False,
-                    elem_id="pair_video",
-                )
+                with gr.Accordion("dense | sparse as one clip (in sync)", open=False):
+                    pair_video = gr.Video(
+                        label="dense | sparse",
+                        autoplay=True,
+                        loop=True,
+                        interactive=False,
+                        elem_id="pair_video",
+                    )
                 with gr.Row():
                     dense_time = gr.Textbox(label="Dense time", interactive=False, elem_id="dense_time")
                     sparse_time = gr.Textbox(label="Sparse time", interactive=False, elem_id="sparse_time")
@@ -263,17 +264,14 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                     x="frame", y="PSNR (dB)", label="PSNR per frame (sparse vs dense)", elem_id="psnr_plot"
                 )
                 with gr.Row():
-                    heatmap = gr.Image(
-                        label="Density per layer (rows) × head (columns)",
-                        interactive=False,
-                        elem_id="heatmap",
-                    )
                     with gr.Column():
-                        mask = gr.Image(
-                            label="Block mask (query blocks ↓, key blocks →)",
-                            interactive=False,
-                            elem_id="mask",
+                        gr.Markdown("**Density** per layer (rows) × head (columns), sparse steps")
+                        heatmap = gr.Image(show_label=False, interactive=False, elem_id="heatmap")
+                    with gr.Column():
+                        gr.Markdown(
+                            "**Block mask** of one head: query blocks ↓, key blocks →, computed = yellow"
                         )
+                        mask = gr.Image(show_label=False, interactive=False, elem_id="mask")
                         layer = gr.Slider(
                             0, fp.num_layers - 1, value=0, step=1, label="Layer", elem_id="layer"
                         )

@@ -15,6 +15,7 @@ import torch
 from dit_sparse.app.core import (
     _VIRIDIS,
     DENSE_CHOICE,
+    HEATMAP_MARGIN,
     UPLOAD_CHOICE,
     DemoError,
     DemoSession,
@@ -69,6 +70,7 @@ def test_compare_writes_three_videos_and_metrics(first):
     assert len(m["psnr_per_frame"]) == 17 and len(m["ssim_per_frame"]) == 17
     assert first.speedup == pytest.approx(first.dense.seconds / first.sparse.seconds)
     assert not first.dense_cached
+    assert any("untimed 1-step warm-up" in n for n in first.notes)  # first run at this size
     assert any("not trained" in n for n in first.notes) == first.profile.model_id.startswith("tiny")
 
 
@@ -200,7 +202,12 @@ def test_heatmap_and_mask_of_the_shipped_profile(session):
     table = density_table(prof, layout)
     assert table.shape == (4, 2)
     img = heatmap_image(table)
-    assert img.dtype == np.uint8 and img.shape[0] // 4 == img.shape[1] // 2  # square cells, rows = layers
+    top, left = HEATMAP_MARGIN
+    cell = (img.shape[0] - top) // 4
+    assert img.dtype == np.uint8 and img.shape[:2] == (top + 4 * cell, left + 2 * cell)  # rows = layers
+    for r in range(4):
+        for c in range(2):  # a cell's corner (away from the printed value) has the colour of its density
+            assert img[top + r * cell + 1, left + c * cell + 1].tolist() == colormap(table[r, c]).tolist()
     mask = head_mask(prof, layout, 3, 1)
     assert head_density(mask, layout) == pytest.approx(table[3, 1])
     with pytest.raises(DemoError, match="out of range"):
