@@ -194,9 +194,16 @@ class TransformerBinding:
             layout: str = "bshd",
             scale: float | None = None,
             text_valid: torch.Tensor | None = None,
+            dense_reason: str | None = None,
         ) -> torch.Tensor:
             start = time.perf_counter() if self.timing else 0.0
-            out = self._core(layer, proc, q, k, v, dense_fn, layout, scale, text_valid)
+            if dense_reason is not None:
+                # the family cannot run this call sparse: dense, said once and listed in the report
+                self.warn_once(f"family:{dense_reason}", f"dit-sparse: {dense_reason}; this layer runs dense")
+                self.runs[-1].dense[(layer, self.state.step)] = dense_reason
+                out = dense_fn()
+            else:
+                out = self._core(layer, proc, q, k, v, dense_fn, layout, scale, text_valid)
             if self.timing:
                 if out.device.type == "cuda":
                     torch.cuda.synchronize(out.device)

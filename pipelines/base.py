@@ -37,9 +37,11 @@ class ForwardInputs:
 class Core:
     """The replaced core attention for one call, handed to :meth:`ModelFamily.attention`.
 
-    ``core(q, k, v, dense_fn, layout="bshd", scale=None, text_valid=None)`` returns attention output in the
-    layout it was given. ``dense_fn()`` must compute exactly what the model's own processor computes (its backend,
-    its mask): it runs whenever this layer is dense at this step, so dense is bit-identical to no plugin.
+    ``core(q, k, v, dense_fn, layout="bshd", scale=None, text_valid=None, dense_reason=None)`` returns attention
+    output in the layout it was given. ``dense_fn()`` must compute exactly what the model's own processor computes
+    (its backend, its mask): it runs whenever this layer is dense at this step, so dense is bit-identical to no
+    plugin. A family that cannot run a call sparse (e.g. an arbitrary attention mask) passes ``dense_reason``: the
+    call runs ``dense_fn()``, the reason is warned once and listed in the run report (never a silent fallback).
     """
 
     def __call__(
@@ -52,6 +54,7 @@ class Core:
         layout: str = "bshd",
         scale: float | None = None,
         text_valid: torch.Tensor | None = None,
+        dense_reason: str | None = None,
     ) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -17,7 +17,6 @@ and a direct ``F.scaled_dot_product_attention`` call, which is what ``dense_fn``
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -129,16 +128,11 @@ class CogVideoXFamily(ModelFamily):
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
 
+        reason = None
         if attention_mask is not None:
-            # no diffusers pipeline passes one; an arbitrary additive/bool mask cannot be honoured by a block mask
-            warnings.warn(
-                "dit-sparse: CogVideoX self-attention got an attention_mask (via attention_kwargs); the sparse "
-                "kernel cannot apply it, so this layer runs dense (correct, not faster)",
-                stacklevel=2,
-            )
-            hidden_states = dense()
-        else:
-            hidden_states = core(query, key, value, dense, layout="bhsd")
+            # no diffusers pipeline passes one; an arbitrary mask cannot be honoured by a block mask
+            reason = "CogVideoX self-attention got an attention_mask, which the sparse kernel cannot apply"
+        hidden_states = core(query, key, value, dense, layout="bhsd", dense_reason=reason)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
 

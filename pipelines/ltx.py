@@ -20,7 +20,6 @@ RoPE applied on ``(B, S, inner)`` *before* the head unflatten (``transformer_ltx
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -155,16 +154,11 @@ class LTXVideoFamily(ModelFamily):
                 parallel_config=proc._parallel_config,
             )
 
+        reason = None
         if attention_mask is not None:
-            # LTX never masks its self-attention; an arbitrary mask cannot be honoured by a block mask
-            warnings.warn(
-                "dit-sparse: LTX self-attention got an attention_mask; the sparse kernel cannot apply it, so this "
-                "layer runs dense (correct, not faster)",
-                stacklevel=2,
-            )
-            hidden_states = dense()
-        else:
-            hidden_states = core(query, key, value, dense, layout="bshd")
+            # no diffusers pipeline passes one; an arbitrary mask cannot be honoured by a block mask
+            reason = "LTX self-attention got an attention_mask, which the sparse kernel cannot apply"
+        hidden_states = core(query, key, value, dense, layout="bshd", dense_reason=reason)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 

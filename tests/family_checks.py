@@ -73,4 +73,42 @@ def check_family(
         from dit_sparse.integration import _remove_root_hook
 
         _remove_root_hook(transformer)
-    return {"refs": refs, "sparse_outs": outs, "sparse_density": density}
+    # 5. diffusers' FirstBlockCache at the same time does not confuse the step count
+    fbc = check_first_block_cache(pipe, run, resolutions[0], sparse)
+    return {"refs": refs, "sparse_outs": outs, "sparse_density": density, "first_block_cache": fbc}
+
+
+def check_first_block_cache(
+    pipe: Any, run: Callable[..., torch.Tensor], res: dict[str, Any], profile: Profile
+) -> str:
+    """With FirstBlockCache on, later blocks are skipped on some steps; the hook must still count every step.
+
+    Returns "checked" or why it does not apply (transformers without CacheMixin, e.g. SD3 and PixArt, set no
+    cache context, which FirstBlockCache requires)."""
+    from diffusers import FirstBlockCacheConfig
+
+    transformer = pipe.transformer
+    if not hasattr(transformer, "enable_cache"):
+        return f"{type(transformer).__name__} has no CacheMixin: FirstBlockCache does not apply"
+    prof = Profile.from_dict(profile.to_dict())
+    prof.schedule.dense_steps = 1
+    handle = dit_sparse.apply(pipe, prof)
+    try:
+        run(pipe, **res)
+        base = handle.report()
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=0.9))
+        try:
+            run(pipe, **res)
+            cached = handle.report()
+        finally:
+            transformer.disable_cache()
+    finally:
+        handle.remove()
+    assert cached is not base
+    assert cached.steps == base.steps, (
+        f"FirstBlockCache changed the step count: {base.steps} -> {cached.steps}"
+    )
+    assert cached.forwards == base.forwards
+    calls = len(cached.density) + len(cached.dense)
+    assert calls <= len(base.density) + len(base.dense)
+    return "checked"

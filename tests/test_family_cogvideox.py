@@ -162,9 +162,13 @@ def test_attention_mask_runs_dense_and_says_so(pipe):
     mask[:, :, 3:TEXT_LEN] = False  # hide some text keys
     ref = run(pipe, steps=1, attention_kwargs={"attention_mask": mask}, **RES[0])
     sparse = Profile.uniform(pipe.transformer, "window", {"f": 0, "h": 1, "w": 1}, block_size=16)
-    with dit_sparse.apply(pipe, sparse), pytest.warns(UserWarning, match="attention_mask"):
+    with dit_sparse.apply(pipe, sparse) as handle, pytest.warns(UserWarning, match="attention_mask"):
         out = run(pipe, steps=1, attention_kwargs={"attention_mask": mask}, **RES[0])
+        rep = handle.report()
     assert torch.equal(out, ref)
+    # the fallback is in the run report too, for every layer, and no call ran sparse
+    assert not rep.density and all("attention_mask" in why for why in rep.dense.values())
+    assert any("attention_mask" in line for line in rep.fallbacks)
 
 
 def test_fused_qkv_projections():

@@ -25,6 +25,20 @@ def pipe():
 def test_standard_family_checks(pipe):
     res = check_family(pipe, lambda p, **kw: run(p, steps=2, **kw), RES, block_size=16)
     assert res["sparse_outs"][0].shape == res["refs"][0].shape
+    assert res["first_block_cache"] == "checked"
+
+
+def test_report_measures_attention_time_when_asked(pipe):
+    prof = Profile.uniform(pipe.transformer, "window", {"f": 0, "h": 1, "w": 1}, block_size=16, dense_steps=1)
+    with dit_sparse.apply(pipe, prof, timing=True) as handle:
+        run(pipe, steps=2, **RES[0])
+        rep = handle.report()
+    assert set(rep.attention_seconds) == {(0, 0), (1, 0), (0, 1), (1, 1)}  # dense and sparse calls both timed
+    assert all(t > 0 for t in rep.attention_seconds.values())
+    assert rep.to_dict()["attention_seconds"] > 0 and "attention time" in rep.summary()
+    with dit_sparse.apply(pipe, prof) as handle:  # off by default: no timing, no synchronisation
+        run(pipe, steps=2, **RES[0])
+        assert handle.report().attention_seconds == {}
 
 
 def test_window_profile_is_really_sparse_and_close(pipe):
