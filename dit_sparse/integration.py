@@ -139,6 +139,8 @@ class TransformerBinding:
         self._warned: set[str] = set()
         self.hook: Any = None
         self._ctx_manager: Any = None
+        # optional observer ``capture(layer, step, q, k, v, layout)`` called before every core attention call
+        self.capture: Callable[..., None] | None = None
 
     # -- per forward -----------------------------------------------------------------------------------
     def observe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -197,6 +199,8 @@ class TransformerBinding:
             dense_reason: str | None = None,
         ) -> torch.Tensor:
             start = time.perf_counter() if self.timing else 0.0
+            if self.capture is not None:  # the profiler's observer: sees the real q/k/v of every call
+                self.capture(layer, self.state.step, q, k, v, layout)
             if dense_reason is not None:
                 # the family cannot run this call sparse: dense, said once and listed in the report
                 self.warn_once(f"family:{dense_reason}", f"dit-sparse: {dense_reason}; this layer runs dense")
