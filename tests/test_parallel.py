@@ -97,16 +97,31 @@ def _wan_pipe():
     return tiny_wan_pipeline(seed=0)
 
 
-def _wan_run(pipe) -> torch.Tensor:
+def _wan_run(pipe, res: dict[str, int] | None = None) -> torch.Tensor:
     from tiny_wan import run
 
-    return run(pipe, steps=2, **WAN_RES)
+    return run(pipe, steps=2, **(res or WAN_RES))
 
 
-def _flux_pipe():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from test_family_flux import tiny_flux_transformer
+def _flux_pipe(heads: int = 2):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from test_family_flux import TEXT_DIM, tiny_flux_transformer
 
+    if heads == 2:
+        transformer = tiny_flux_transformer()
+    else:  # same tiny config with another head count
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=64,
+            num_attention_heads=heads,
+            joint_attention_dim=TEXT_DIM,
+            pooled_projection_dim=TEXT_DIM,
+            axes_dims_rope=(16, 24, 24),
+        ).eval()
     p = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=None,
@@ -114,21 +129,22 @@ def _flux_pipe():
         tokenizer=None,
         text_encoder_2=None,
         tokenizer_2=None,
-        transformer=tiny_flux_transformer(),
+        transformer=transformer,
     )
     p.set_progress_bar_config(disable=True)
     return p
 
 
-def _flux_run(pipe) -> torch.Tensor:
+def _flux_run(pipe, res: dict[str, int] | None = None) -> torch.Tensor:
     from test_family_flux import run
 
-    return run(pipe, steps=2, **FLUX_RES)
+    return run(pipe, steps=2, **(res or FLUX_RES))
 
 
-MODELS: dict[str, tuple[Callable[[], Any], Callable[[Any], torch.Tensor]]] = {
+MODELS: dict[str, tuple[Callable[[], Any], Callable[..., torch.Tensor]]] = {
     "wan": (_wan_pipe, _wan_run),
     "flux": (_flux_pipe, _flux_run),
+    "flux3": (lambda: _flux_pipe(heads=3), _flux_run),  # 3 heads over 2 ranks: ulysses_anything pads to 4
 }
 
 
@@ -220,43 +236,69 @@ def _ring_capable_native_backend():
         backends[AttentionBackendName.NATIVE] = original
 
 
-def _case(model: str, kind: str, cp: dict[str, int] | None) -> dict[str, Any]:
+def _case(model: str, kind: str, cp: dict[str, Any] | None, **opts: Any) -> dict[str, Any]:
     if cp is not None and cp.get("ring_degree", 1) > 1:
         with _ring_capable_native_backend():
-            return _run_case(model, kind, cp)
-    return _run_case(model, kind, cp)
+            return _run_case(model, kind, cp, **opts)
+    return _run_case(model, kind, cp, **opts)
 
 
-def _run_case(model: str, kind: str, cp: dict[str, int] | None) -> dict[str, Any]:
-    """Build the tiny pipeline, enable CP (if given), apply the profile AFTER enable_parallelism, run it."""
+def _run_case(
+    model: str,
+    kind: str,
+    cp: dict[str, Any] | None,
+    res: dict[str, int] | None = None,
+    order: str = "apply-after-cp",
+) -> dict[str, Any]:
+    """Build the tiny pipeline, enable CP (if given) and install the profile in the given order, run it.
+
+    ``order``: ``apply-after-cp`` (the documented order), ``apply-before-cp`` (must raise a clear error for FLUX,
+    whose CP plan splits the transformer's own inputs), ``oneliner-before-cp`` (``set_attn_processor(SparseProcessor)``
+    then ``enable_parallelism``, which writes the config onto the shared processor)."""
     import warnings
+
+    from diffusers import ContextParallelConfig
 
     build, run = MODELS[model]
     pipe = build()
-    if cp is not None:
-        from diffusers import ContextParallelConfig
-
-        pipe.transformer.enable_parallelism(config=ContextParallelConfig(**cp))
     prof = _profile(pipe, kind)
+    out: dict[str, Any] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if prof is None:
-            return {"out": run(pipe)}
-        with dit_sparse.apply(pipe, prof) as handle:
-            out = run(pipe)
-            report = handle.report().to_dict()
-            grids = list(handle.report().grids)
-    msgs = [str(w.message) for w in caught if "dit-sparse" in str(w.message)]
-    return {"out": out, "report": report, "grids": grids, "warnings": msgs}
+        handle = None
+        if prof is not None and order == "apply-before-cp":
+            handle = dit_sparse.apply(pipe, prof)
+        if prof is not None and order == "oneliner-before-cp":
+            pipe.transformer.set_attn_processor(dit_sparse.SparseProcessor(prof))
+        if cp is not None:
+            pipe.transformer.enable_parallelism(config=ContextParallelConfig(**cp))
+        if prof is not None and order == "apply-after-cp":
+            handle = dit_sparse.apply(pipe, prof)
+        try:
+            out["out"] = run(pipe, res)
+        except Exception as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        if handle is not None:
+            out["report"] = handle.report().to_dict()
+            out["grids"] = list(handle.report().grids)
+            handle.remove()
+    out["warnings"] = [str(w.message) for w in caught if "dit-sparse" in str(w.message)]
+    return out
 
 
-CASES = [
-    (model, kind, name, cp)
+CASES: dict[str, tuple[str, str, dict[str, Any] | None, dict[str, Any]]] = {
+    f"{model}-{kind}-{name}": (model, kind, cp, {})
     for model in ("wan", "flux")
     for name, cp in (("u2", {"ulysses_degree": 2}), ("r2", {"ring_degree": 2}))
     for kind in ("plain", "dense", "sparse")
     if not (name == "r2" and kind == "dense")
-]
+}
+# ulysses_anything with 3 heads on 2 ranks: heads padded to 4, rank 0 holds global heads [0, 2), rank 1 holds [2, 3).
+# (Unequal sequence shards cannot run here: gloo's all_gather, used by diffusers' output gather, needs equal sizes;
+# gathered_order is checked for unequal shards by the pure tests above.)
+CASES["flux3-sparse-u2any"] = ("flux3", "sparse", {"ulysses_degree": 2, "ulysses_anything": True}, {})
+CASES["flux-sparse-wrong-order"] = ("flux", "sparse", {"ulysses_degree": 2}, {"order": "apply-before-cp"})
+CASES["wan-sparse-oneliner"] = ("wan", "sparse", {"ulysses_degree": 2}, {"order": "oneliner-before-cp"})
 
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:
@@ -269,7 +311,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {f"{m}-{k}-{n}": _case(m, k, cp) for m, k, n, cp in CASES}
+        results = {name: _case(m, k, cp, **opts) for name, (m, k, cp, opts) in CASES.items()}
         if rank == 0:
             torch.save(results, path)
     finally:
@@ -309,14 +351,14 @@ def two_ranks() -> dict[str, Any]:
         return torch.load(path, weights_only=False)
 
 
-def _single(model: str, kind: str) -> torch.Tensor:
+def _single(model: str, kind: str, res: dict[str, int] | None = None) -> torch.Tensor:
     build, run = MODELS[model]
     pipe = build()
     prof = _profile(pipe, kind)
     if prof is None:
-        return run(pipe)
+        return run(pipe, res)
     with dit_sparse.apply(pipe, prof):
-        return run(pipe)
+        return run(pipe, res)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -355,3 +397,23 @@ def test_ring_runs_dense_and_says_so(two_ranks, model):
     assert rep["dense_calls"] and all("ring attention" in why for why in rep["dense_calls"].values())
     assert len(rep["fallbacks"]) == 1 and "ring attention" in rep["fallbacks"][0]
     assert len(got["warnings"]) == 1 and "dense" in got["warnings"][0]
+
+
+def test_ulysses_anything_with_padded_heads(two_ranks):
+    got = two_ranks["flux3-sparse-u2any"]
+    assert "error" not in got, got.get("error")
+    # head 1 has another pattern than heads 0 and 2: a wrong head offset on rank 1 would change the output
+    assert _rel(got["out"], _single("flux3", "sparse")) < SPARSE_REL_TOL
+    assert not got["report"]["dense_calls"] and got["grids"] == [FULL_GRID["flux"]]
+
+
+def test_apply_before_enable_parallelism_is_a_clear_error(two_ranks):
+    got = two_ranks["flux-sparse-wrong-order"]
+    assert "out" not in got
+    assert "ContextParallelError" in got["error"] and "AFTER transformer.enable_parallelism()" in got["error"]
+
+
+def test_one_liner_installed_before_enable_parallelism(two_ranks):
+    got = two_ranks["wan-sparse-oneliner"]
+    assert "error" not in got, got.get("error")
+    assert torch.equal(got["out"], two_ranks["wan-sparse-u2"]["out"])
