@@ -1,0 +1,153 @@
+"""Procedural training clips for the bundled tiny model, and the detector that checks what a model generated.
+
+A clip shows one coloured shape (circle, square or triangle) moving in a straight line (left, right, up or down) on
+a plain background; its prompt says so: "a red circle moving left". Everything is a pure function of its arguments
+(no global RNG), so data sets are reproducible from a seed.
+
+:func:`detect` reads a video back: the moving blob is where pixels differ from the per-pixel temporal median (the
+background), its colour is the palette colour most of its pixels are nearest to, and its direction is the dominant axis of
+its centroid's displacement between the first and last third of the clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.8, 0.2),
+    "blue": (0.15, 0.25, 0.95),
+    "yellow": (0.95, 0.9, 0.1),
+    "white": (0.97, 0.97, 0.97),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+BACKGROUND = (0.12, 0.12, 0.14)
+VOCAB = ("a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    colour: str
+    shape: str
+    direction: str
+
+    @property
+    def prompt(self) -> str:
+        return f"a {self.colour} {self.shape} moving {self.direction}"
+
+    @classmethod
+    def parse(cls, prompt: str) -> ClipSpec:
+        words = prompt.lower().split()
+        colour = next((w for w in words if w in COLOURS), None)
+        shape = next((w for w in words if w in SHAPES), None)
+        direction = next((w for w in words if w in DIRECTIONS), None)
+        if colour is None or shape is None or direction is None:
+            raise ValueError(
+                f"prompt {prompt!r} must name a colour {sorted(COLOURS)}, a shape {list(SHAPES)} and a direction "
+                f"{list(DIRECTIONS)}, e.g. 'a red circle moving left'"
+            )
+        return cls(colour, shape, direction)
+
+
+def all_specs() -> list[ClipSpec]:
+    return [ClipSpec(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+
+
+def _shape_mask(
+    shape: str, yy: torch.Tensor, xx: torch.Tensor, cy: float, cx: float, r: float
+) -> torch.Tensor:
+    dy, dx = yy - cy, xx - cx
+    if shape == "circle":
+        return dy * dy + dx * dx <= r * r
+    if shape == "square":
+        return (dy.abs() <= r * 0.85) & (dx.abs() <= r * 0.85)
+    if shape == "triangle":  # apex up: inside if below the two slanted edges and above the base
+        return (dy <= r * 0.8) & (dy >= -r) & (dx.abs() <= (dy + r) * 0.6)
+    raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
+
+
+def make_clip(spec: ClipSpec, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """``(frames, 3, height, width)`` float in [0, 1]. The seed picks the start point, size and speed."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(4, generator=g)
+    r = float(min(height, width) * (0.14 + 0.06 * u[0]))  # shape radius in pixels
+    dy, dx = DIRECTIONS[spec.direction]
+    travel = 0.45 + 0.15 * float(u[1])  # fraction of the frame crossed over the clip
+    # start so the path stays inside the frame; the perpendicular coordinate is random
+    along_start = 0.5 - travel / 2
+    across = 0.3 + 0.4 * float(u[2])
+    yy = torch.arange(height, dtype=torch.float32).view(-1, 1)
+    xx = torch.arange(width, dtype=torch.float32).view(1, -1)
+    colour = torch.tensor(COLOURS[spec.colour]).view(3, 1, 1)
+    bg = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, height, width)
+    out = torch.empty(frames, 3, height, width)
+    for t in range(frames):
+        pos = along_start + travel * t / max(frames - 1, 1)  # 0..1 along the motion axis
+        if dx:
+            cx = (pos if dx > 0 else 1 - pos) * width
+            cy = across * height
+        else:
+            cy = (pos if dy > 0 else 1 - pos) * height
+            cx = across * width
+        m = _shape_mask(spec.shape, yy, xx, cy, cx, r).unsqueeze(0)  # (1, H, W)
+        out[t] = torch.where(m, colour, bg)
+    return out
+
+
+@dataclass(frozen=True)
+class Detection:
+    colour: str | None
+    direction: str | None
+    blob_fraction: float  # mean fraction of pixels in the moving blob (0 means nothing was found)
+
+    def matches(self, spec: ClipSpec) -> bool:
+        return self.colour == spec.colour and self.direction == spec.direction
+
+
+def detect(video: torch.Tensor, threshold: float = 0.15) -> Detection:
+    """Read colour and direction of the moving blob in ``(F, 3, H, W)`` float [0, 1] (or ``(F, H, W, 3)``)."""
+    if video.dim() != 4:
+        raise ValueError(f"expected a video (F, 3, H, W) or (F, H, W, 3), got shape {tuple(video.shape)}")
+    if video.shape[1] != 3 and video.shape[-1] == 3:
+        video = video.permute(0, 3, 1, 2)
+    video = video.float()
+    frames = video.shape[0]
+    background = video.median(
+        dim=0
+    ).values  # (3, H, W): the shape moves, so most frames show background there
+    diff = (video - background).abs().amax(dim=1)  # (F, H, W)
+    blob = diff > threshold
+    frac = float(blob.float().mean())
+    if frac == 0.0 or frames < 3:
+        return Detection(None, None, frac)
+    # colour: every blob pixel votes for its nearest palette colour; votes for the background colour are dropped
+    # (where the shape overlaps itself in most frames the median is the shape's colour, so some "blob" pixels
+    # are really background)
+    pixels = video.permute(0, 2, 3, 1)[blob]  # (P, 3)
+    palette = torch.tensor([*COLOURS.values(), BACKGROUND])  # (C+1, 3)
+    votes = torch.cdist(pixels, palette).argmin(dim=1)
+    counts = torch.bincount(votes, minlength=len(palette))[: len(COLOURS)]
+    if int(counts.sum()) == 0:
+        return Detection(None, None, frac)
+    colour = list(COLOURS)[int(counts.argmax())]
+    h, w = blob.shape[1:]
+    yy = torch.arange(h, dtype=torch.float32).view(1, -1, 1)
+    xx = torch.arange(w, dtype=torch.float32).view(1, 1, -1)
+    mass = blob.float().sum(dim=(1, 2)).clamp_min(1.0)
+    cy = (blob * yy).sum(dim=(1, 2)) / mass  # (F,)
+    cx = (blob * xx).sum(dim=(1, 2)) / mass
+    seen = blob.any(dim=2).any(dim=1)
+    third = max(frames // 3, 1)
+    first, last = seen[:third], seen[-third:]
+    if not bool(first.any()) or not bool(last.any()):
+        return Detection(colour, None, frac)
+    dy = float(cy[-third:][last].mean() - cy[:third][first].mean())
+    dx = float(cx[-third:][last].mean() - cx[:third][first].mean())
+    if abs(dx) >= abs(dy):
+        direction = "right" if dx > 0 else "left"
+    else:
+        direction = "down" if dy > 0 else "up"
+    return Detection(colour, direction, frac)
