@@ -14,6 +14,7 @@ import torch
 
 from .cpu_gather import gather_block_sparse_attention
 from .indices import SUPPORTED_BLOCK_SIZES, cdiv
+from .permutation import check_permutation, permute_tokens, unpermute_tokens, validate_perm
 
 IMPLS = ("auto", "triton", "gather", "reference")
 _HALF = (torch.float16, torch.bfloat16)
@@ -167,6 +168,8 @@ def sparse_attention(
     scale: float | None = None,
     *,
     impl: str = "auto",
+    perm: torch.Tensor | None = None,
+    check_perm: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention.
 
@@ -180,18 +183,31 @@ def sparse_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         impl: ``"auto"`` (Triton on CUDA, block-gather on CPU), ``"triton"`` (also on CPU under
             ``TRITON_INTERPRET=1``), ``"gather"`` or ``"reference"`` (fp64, slow). Never falls back silently.
+        perm: optional token permutation, int32/int64 ``[B|1, H|1, N]`` (needs ``Nq == Nk == N``): permuted
+            position ``i`` holds original token ``perm[b, h, i]``. ``block_mask`` is then in *permuted* order and
+            the output is in *original* order. Triton gathers Q/K/V rows and scatters O rows inside the kernel;
+            the CPU path uses one fused gather/scatter for all heads. Values are not checked on the hot path.
+        check_perm: debug: also check that every ``perm[b, h]`` is a permutation (synchronises the host).
 
     Returns:
         ``[B, H, Nq, D]`` in q's dtype; a query row with no allowed key is all zeros (never NaN).
     """
     mask, block_size = _validate(q, k, v, block_mask, block_size, impl)
+    if perm is not None:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"perm needs as many queries as keys (self-attention), got Nq={q.shape[2]} and Nk={k.shape[2]}"
+            )
+        validate_perm(perm, q.shape[0], q.shape[1], q.shape[2], q.device)
+        if check_perm:
+            check_permutation(perm)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
     if k.shape[2] == 0:
         return q.new_zeros(q.shape)
     resolved = _resolve_impl(impl, q.device)
-    return torch.ops.dit_sparse.block_sparse_attention(q, k, v, mask, block_size, scale, resolved)
+    return torch.ops.dit_sparse.block_sparse_attention(q, k, v, mask, block_size, scale, resolved, perm)
 
 
 @torch.library.custom_op("dit_sparse::block_sparse_attention", mutates_args=())
@@ -203,20 +219,26 @@ def _block_sparse_attention_op(
     block_size: int,
     scale: float,
     impl: str,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if impl == "triton":
         from .triton_attention import triton_sparse_attention
 
-        return triton_sparse_attention(q, k, v, block_mask, block_size, scale)
+        return triton_sparse_attention(q, k, v, block_mask, block_size, scale, perm)
     if impl == "gather":
-        return gather_block_sparse_attention(q, k, v, block_mask, block_size, scale)
+        if perm is None:
+            return gather_block_sparse_attention(q, k, v, block_mask, block_size, scale)
+        # one fused gather for all heads in, one scatter out (no per-head loop)
+        qp, kp, vp = permute_tokens(q, perm), permute_tokens(k, perm), permute_tokens(v, perm)  # (B, H, N, D)
+        out_p = gather_block_sparse_attention(qp, kp, vp, block_mask, block_size, scale)
+        return unpermute_tokens(out_p, perm).contiguous()
     if impl == "reference":
         from .reference import reference_attention
 
-        return reference_attention(q, k, v, block_mask, block_size, scale).to(q.dtype)
+        return reference_attention(q, k, v, block_mask, block_size, scale, perm=perm).to(q.dtype)
     raise ValueError(f"unknown impl {impl!r}")
 
 
 @_block_sparse_attention_op.register_fake
-def _(q, k, v, block_mask, block_size, scale, impl):  # type: ignore[no-untyped-def]
+def _(q, k, v, block_mask, block_size, scale, impl, perm=None):  # type: ignore[no-untyped-def]
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -6,6 +6,11 @@ Readable on purpose; optimised code never imports it.
     allowed(i, j) = block_mask[b, h, i // block_size, j // block_size]
 
 A query row with no allowed key returns zeros (never NaN).
+
+With a token permutation ``perm [B|1, H|1, N]`` (permuted position ``i`` holds original token ``perm[b, h, i]``),
+q, k, v are first put in permuted order, the block mask applies there, and the output rows are put back:
+
+    out[b, h, perm[b, h, i]] = attention(q[perm], k[perm], v[perm] | block_mask)[b, h, i]
 """
 
 from __future__ import annotations
@@ -31,12 +36,31 @@ def reference_attention(
     block_size: int = 128,
     scale: float | None = None,
     token_mask: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked softmax attention in float64. ``q [B,H,Nq,D]``, ``k/v [B,H,Nk,D]``; returns float64 ``[B,H,Nq,D]``.
 
     Give either a block mask (with its ``block_size``) or a bool ``token_mask`` broadcastable to
-    ``[B, H, Nq, Nk]``; with neither, attention is dense.
+    ``[B, H, Nq, Nk]``; with neither, attention is dense. ``perm`` (needs Nq == Nk): the masks are in permuted
+    order, the output in original order (see the module docstring).
     """
+    if perm is not None:
+        bsz, heads, n, _ = q.shape
+        rows = perm.long().expand(bsz, heads, n)  # (B, H, N): original token at each permuted position
+        b_ix = torch.arange(bsz, device=q.device)[:, None, None]
+        h_ix = torch.arange(heads, device=q.device)[None, :, None]
+        out_p = reference_attention(
+            q[b_ix, h_ix, rows],
+            k[b_ix, h_ix, rows],
+            v[b_ix, h_ix, rows],
+            block_mask,
+            block_size,
+            scale,
+            token_mask,
+        )  # (B, H, N, D) in permuted order
+        out = torch.empty_like(out_p)
+        out[b_ix, h_ix, rows] = out_p  # back to original order
+        return out
     q64, k64, v64 = q.double(), k.double(), v.double()
     nq, nk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

@@ -23,6 +23,10 @@ Constraints:
 * q/k/v may be any strided view (e.g. ``[B, N, H, D]`` transposed): strides are passed, no ``.contiguous()``.
 * head_dim: ``BLOCK_D`` = next power of two ≥ D (min 16), up to 256. D = 64 and 128 are the fast paths; other
   sizes (72, 80, 96, ...) load with a mask on the d dimension (zero padding in registers, no host-side copies).
+* Token permutation (``HAS_PERM`` constexpr; the no-permutation path compiles exactly as before): positions in
+  the mask are permuted positions; Q rows are gathered and O rows scattered through ``PERM`` once per program,
+  K/V rows are gathered per tile (pointer-based ``tl.load``, the "gathered index vector" path of the kernel notes
+  §6). ``PERM`` is ``[B|1, H|1, N]`` int32/int64, broadcast with stride 0.
 * fp16 / bf16 on CUDA; fp32 only under the interpreter. On CUDA the configs are autotuned per
   ``(HEAD_DIM, dtype, granularity, Nk bucket)``; under ``TRITON_INTERPRET=1`` one fixed small config runs.
 
@@ -108,6 +112,7 @@ def _attend_tile(
     K_bh,
     V_bh,
     Fine_bh,
+    Perm_bh,
     start_n,
     offs_m,
     offs_d,
@@ -117,6 +122,7 @@ def _attend_tile(
     stride_vd,
     stride_fm,
     stride_fn,
+    stride_pn,
     N_Q,
     N_K,
     qk_scale,
@@ -128,11 +134,23 @@ def _attend_tile(
     NEED_FINE: tl.constexpr,
     DOT_F32: tl.constexpr,
     IEEE: tl.constexpr,
+    HAS_PERM: tl.constexpr,
 ):
-    """One BLOCK_N-key step of the online softmax; ``MASKED`` applies the key bound and the fine element mask."""
+    """One BLOCK_N-key step of the online softmax; ``MASKED`` applies the key bound and the fine element mask.
+
+    ``offs_n`` are key positions in mask (permuted) order; with ``HAS_PERM`` the K/V rows are gathered through
+    ``Perm_bh`` (original row of each permuted position), otherwise they are the positions themselves.
+    """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_ptrs = K_bh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
-    v_ptrs = V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if HAS_PERM:
+        if MASKED:
+            rows_n = tl.load(Perm_bh + offs_n * stride_pn, mask=offs_n < N_K, other=0).to(tl.int64)
+        else:
+            rows_n = tl.load(Perm_bh + offs_n * stride_pn).to(tl.int64)
+    else:
+        rows_n = offs_n
+    k_ptrs = K_bh + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
+    v_ptrs = V_bh + rows_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if MASKED:
         kv_ok = offs_n[:, None] < N_K
         if BLOCK_D != HEAD_DIM:
@@ -196,6 +214,7 @@ def _block_sparse_fwd(
     FULL_NUM,
     FULL_IDX,
     FINE,
+    PERM,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -230,6 +249,9 @@ def _block_sparse_fwd(
     stride_fh,
     stride_fm,
     stride_fn,
+    stride_pb,
+    stride_ph,
+    stride_pn,
     H,
     N_Q,
     N_K,
@@ -243,6 +265,7 @@ def _block_sparse_fwd(
     NEED_FINE: tl.constexpr,
     DOT_F32: tl.constexpr,
     IEEE: tl.constexpr,
+    HAS_PERM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -256,7 +279,13 @@ def _block_sparse_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    Perm_bh = PERM + b * stride_pb + h * stride_ph
+    if HAS_PERM:
+        # gather Q rows (and later scatter O rows) through the permutation: one load per program
+        rows_m = tl.load(Perm_bh + offs_m * stride_pn, mask=offs_m < N_Q, other=0).to(tl.int64)
+    else:
+        rows_m = offs_m
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q_ok = offs_m[:, None] < N_Q
     if BLOCK_D != HEAD_DIM:
         q_ok = q_ok & (offs_d[None, :] < HEAD_DIM)
@@ -279,9 +308,9 @@ def _block_sparse_fwd(
         kb = tl.load(idx_row + (it // (G_K // BLOCK_N)) * stride_in)
         start_n = kb * G_K + (it % (G_K // BLOCK_N)) * BLOCK_N
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, K_bh, V_bh, Fine_bh, start_n, offs_m, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_fm, stride_fn, N_Q, N_K, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, BS, True, NEED_FINE, DOT_F32, IEEE,
+            acc, l_i, m_i, q, K_bh, V_bh, Fine_bh, Perm_bh, start_n, offs_m, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_fm, stride_fn, stride_pn, N_Q, N_K, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, BS, True, NEED_FINE, DOT_F32, IEEE, HAS_PERM,
         )  # fmt: skip
 
     # full blocks: every key in range and allowed, no masking at all
@@ -291,9 +320,9 @@ def _block_sparse_fwd(
         kb = tl.load(idx_row + (it // (G_K // BLOCK_N)) * stride_fin)
         start_n = kb * G_K + (it % (G_K // BLOCK_N)) * BLOCK_N
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, K_bh, V_bh, Fine_bh, start_n, offs_m, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_fm, stride_fn, N_Q, N_K, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, BS, False, False, DOT_F32, IEEE,
+            acc, l_i, m_i, q, K_bh, V_bh, Fine_bh, Perm_bh, start_n, offs_m, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_fm, stride_fn, stride_pn, N_Q, N_K, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, BS, False, False, DOT_F32, IEEE, HAS_PERM,
         )  # fmt: skip
 
     # empty rows: acc == 0 and l == 0 -> write 0, not 0/0
@@ -301,13 +330,19 @@ def _block_sparse_fwd(
     out = acc / l_safe[:, None]
     if DOT_F32:
         out = _round_to_bf16(out)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = Out + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok)
 
 
 _block_sparse_fwd_tuned = triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM", "G_Q", "G_K", "NK_BUCKET"],  # the autotuner appends the tensors' dtypes to the key
+    key=[
+        "HEAD_DIM",
+        "G_Q",
+        "G_K",
+        "NK_BUCKET",
+        "HAS_PERM",
+    ],  # the autotuner appends the tensors' dtypes to the key
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_block_sparse_fwd)
 
@@ -336,11 +371,13 @@ def triton_sparse_attention(
     block_mask: torch.Tensor,
     block_size: int,
     scale: float,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention with the Triton kernel; inputs already validated by ``sparse_attention``.
 
     ``q [B,H,Nq,D]``, ``k/v [B,H,Nk,D]`` (any strides), bool ``block_mask [B|1, H|1, ceil(Nq/bs), ceil(Nk/bs)]``
-    on q's device. Returns ``[B,H,Nq,D]`` in q's dtype (contiguous).
+    on q's device, optional ``perm [B|1, H|1, N]`` (mask in permuted order; Q/K/V rows gathered and O rows
+    scattered inside the kernel). Returns ``[B,H,Nq,D]`` in q's dtype (contiguous).
     """
     bsz, heads, nq, dim = q.shape
     nk = k.shape[2]
@@ -366,14 +403,18 @@ def triton_sparse_attention(
         # the interpreter's dot multiplies bf16 bit patterns as integers: compute its dots in fp32
         "DOT_F32": interpreting and q.dtype == torch.bfloat16,
         "IEEE": q.dtype == torch.float32,
+        "HAS_PERM": perm is not None,
     }
+    # without a permutation the kernel never reads PERM: pass any int tensor with zero strides
+    perm_arg = perm if perm is not None else index.kv_num_blocks
+    perm_strides = _strides(perm) if perm is not None else [0, 0, 0]
     args = (
         q, k, v, out,
-        index.kv_num_blocks, index.kv_indices, index.full_kv_num_blocks, index.full_kv_indices, fine,
+        index.kv_num_blocks, index.kv_indices, index.full_kv_num_blocks, index.full_kv_indices, fine, perm_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *_strides(index.kv_num_blocks), *_strides(index.kv_indices),
         *_strides(index.full_kv_num_blocks), *_strides(index.full_kv_indices),
-        *_strides(fine),
+        *_strides(fine), *perm_strides,
         heads, nq, nk, scale * math.log2(math.e), _nk_bucket(nk),
     )  # fmt: skip
 
