@@ -19,6 +19,11 @@ Shard sizes follow ``tensor_split`` (``chunk`` for equal shards, which diffusers
 ``ulysses_anything=True``); with ``ulysses_anything`` heads are padded to a multiple of N, so rank ``r`` holds global
 heads from ``r·⌈H/N⌉`` and the last rank may hold fewer.
 
+Head balancing: heads are split contiguously and sparse heads differ in cost, so the busiest rank sets the pace.
+When the profile's per-head block counts make the contiguous split uneven (by ``HEAD_BALANCE_MIN_GAIN`` or more),
+q/k/v heads are reordered before the all-to-all (:func:`balance_heads`, the same order on every rank) and the output
+is put back after it; each head still computes exactly what it would on one process. Not with ``ulysses_anything``.
+
 Not sparse (run dense through the model's own backend, said once in a warning and in the run report): ring
 attention and ring × Ulysses (the ring's per-chunk forward op is not told which key chunk it holds and must return
 an exact LSE), families without a known context-parallel token layout, and text padding masks under context
@@ -37,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .patterns import MaskLayout
+from .patterns import MaskLayout, pattern_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from .integration import TransformerBinding
@@ -47,6 +52,10 @@ if TYPE_CHECKING:  # pragma: no cover
 #   "segments": text and video are split separately; each rank's local sequence is [text_r, video_r] (text first)
 # A family may also declare ``cp_sharding`` itself (a class attribute with one of these values), which wins.
 CP_SHARDING: dict[str, str] = {"wan": "whole", "ltx": "whole", "flux": "segments", "qwen_image": "segments"}
+# Reorder heads across Ulysses ranks only when it lowers the busiest rank's block count by at least this fraction
+# (the reorder costs one gather of q/k/v and one of the output per layer; exact either way).
+HEAD_BALANCE_MIN_GAIN = 0.05
+_BALANCE_CACHE: dict[Any, list[int] | None] = {}
 
 
 class ContextParallelError(RuntimeError):
@@ -100,6 +109,42 @@ def head_slice(num_heads: int, world: int, rank: int) -> tuple[int, int]:
     per = -(-num_heads // world)
     start = min(rank * per, num_heads)
     return start, min(start + per, num_heads)
+
+
+def balance_heads(costs: Sequence[float], world: int) -> list[int] | None:
+    """A head order that evens out the per-rank cost, or ``None`` when the contiguous split is within
+    ``HEAD_BALANCE_MIN_GAIN`` of it (or the heads do not divide evenly).
+
+    Ulysses gives rank ``r`` the heads at positions ``[r·H/W, (r+1)·H/W)`` of the order; the returned list holds the
+    global head at each position. Greedy LPT with equal cardinality: heads by decreasing cost (ties: lower index
+    first) each go to the least-loaded rank that still has a free slot (ties: lower rank). Deterministic, so every
+    rank computes the same order from the same profile (the xDiT head-balance idea, from static costs).
+    """
+    heads = len(costs)
+    if world < 2 or heads % world:
+        return None
+    per = heads // world
+    contiguous = max(sum(costs[r * per : (r + 1) * per]) for r in range(world))
+    slots: list[list[int]] = [[] for _ in range(world)]
+    load = [0.0] * world
+    for h in sorted(range(heads), key=lambda i: (-costs[i], i)):
+        r = min((r for r in range(world) if len(slots[r]) < per), key=lambda r: (load[r], r))
+        slots[r].append(h)
+        load[r] += costs[h]
+    if max(load) > contiguous * (1.0 - HEAD_BALANCE_MIN_GAIN):
+        return None
+    return [h for r in range(world) for h in sorted(slots[r])]
+
+
+def head_order(binding: TransformerBinding, layer: int, mlayout: MaskLayout, world: int) -> list[int] | None:
+    """Balanced head order for ``layer`` from its block counts per head (cached; one host sync per new layout)."""
+    names = tuple(pattern_name(s.pattern, s.params) for s in binding.profile.layers[layer])
+    key = (names, mlayout, world)
+    if key not in _BALANCE_CACHE:
+        mask, _ = binding.layer_mask(layer, mlayout, torch.device("cpu"))  # (1, H, nB, nB)
+        costs = mask.sum(dim=(0, 2, 3)).tolist()  # computed blocks per head ~ kernel time per head
+        _BALANCE_CACHE[key] = balance_heads(costs, world)
+    return _BALANCE_CACHE[key]
 
 
 @functools.lru_cache(maxsize=64)
@@ -204,7 +249,13 @@ def context_parallel_core(
             f"dit-sparse layer {layer}: attention sees {qs.shape[2]} heads before the all-to-all, the profile has "
             f"{binding.profile.fingerprint.num_heads} (tensor parallelism is not supported)"
         )
-    op = UlyssesSparseOp(binding, layer, mlayout, segments, world, rank)
+    order = None if cp.ulysses_anything else head_order(binding, layer, mlayout, world)
+    if (
+        order is not None
+    ):  # balanced heads: rank r gets order[r·H/W : (r+1)·H/W] instead of a contiguous slice
+        idx = torch.tensor(order, device=qs.device)
+        qs, ks, vs = (x.index_select(2, idx) for x in (qs, ks, vs))  # (B, S_loc, H, D), heads in `order`
+    op = UlyssesSparseOp(binding, layer, mlayout, segments, world, rank, order)
     out = templated_cp_attention()(
         qs,
         ks,
@@ -219,6 +270,8 @@ def context_parallel_core(
         backward_op=_backward,
         _parallel_config=proc._parallel_config,
     )  # (B, S_loc, H, D)
+    if order is not None:
+        out = out.index_select(2, torch.argsort(idx))  # back to global head order
     binding.runs[-1].density[key] = op.density
     return out if bshd else out.transpose(1, 2)
 
@@ -235,9 +288,11 @@ class UlyssesSparseOp:
         segments: Sequence[int],
         world: int,
         rank: int,
+        head_order: Sequence[int] | None = None,
     ) -> None:
         self.binding, self.layer, self.mlayout = binding, layer, mlayout
         self.segments, self.world, self.rank = list(segments), world, rank
+        self.head_order = None if head_order is None else list(head_order)  # global head at each position
         self.density = 1.0
 
     def __call__(
@@ -278,5 +333,9 @@ class UlyssesSparseOp:
             (x if identity else x.index_select(1, to_canon)).transpose(1, 2) for x in (query, key, value)
         )  # (B, H_local, S, D), canonical order
         mask, self.density = self.binding.layer_mask(self.layer, self.mlayout, query.device)  # (1, H, nB, nB)
-        out = self.binding._kernel(qh, kh, vh, mask[:, h0:h1], scale).transpose(1, 2)  # (B, S, H_local, D)
+        if self.head_order is None:
+            mask = mask[:, h0:h1]  # this rank's contiguous global heads
+        else:
+            mask = mask.index_select(1, torch.tensor(self.head_order[h0:h1], device=mask.device))
+        out = self.binding._kernel(qh, kh, vh, mask, scale).transpose(1, 2)  # (B, S, H_local, D)
         return out if identity else out.index_select(1, order)

@@ -34,8 +34,15 @@ import pytest
 import torch
 
 import dit_sparse
-from dit_sparse import Profile
-from dit_sparse.parallel import gathered_order, head_slice, local_length, segment_lengths, split_sizes
+from dit_sparse import Profile, parallel
+from dit_sparse.parallel import (
+    balance_heads,
+    gathered_order,
+    head_slice,
+    local_length,
+    segment_lengths,
+    split_sizes,
+)
 from dit_sparse.patterns import MaskLayout
 from dit_sparse.profile import HeadSpec
 
@@ -90,11 +97,69 @@ def test_segment_lengths_and_head_slices():
     assert [head_slice(30, 8, r) for r in (0, 6, 7)] == [(0, 4), (24, 28), (28, 30)]
 
 
+def _best_max_load(costs: list[float], world: int) -> float:
+    """Brute force: the smallest possible busiest-rank cost over all equal-cardinality splits."""
+    import itertools
+
+    per = len(costs) // world
+    best = float("inf")
+    for perm in itertools.permutations(range(len(costs))):
+        best = min(best, max(sum(costs[h] for h in perm[r * per : (r + 1) * per]) for r in range(world)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("heads,world", [(4, 2), (6, 2), (6, 3), (8, 4)])
+def test_balance_heads_is_a_valid_even_split_no_worse_than_contiguous(heads, world, seed):
+    g = torch.Generator().manual_seed(seed)
+    costs = (torch.randint(1, 50, (heads,), generator=g)).tolist()
+    per = heads // world
+    contiguous = max(sum(costs[r * per : (r + 1) * per]) for r in range(world))
+    order = balance_heads(costs, world)
+    if order is None:
+        return  # the contiguous split is already within HEAD_BALANCE_MIN_GAIN of the greedy one
+    assert sorted(order) == list(range(heads))
+    loads = [sum(costs[h] for h in order[r * per : (r + 1) * per]) for r in range(world)]
+    assert max(loads) <= contiguous * (1 - parallel.HEAD_BALANCE_MIN_GAIN)
+    if heads <= 6:  # LPT-style k-partitioning stays within 4/3 of the optimum (Kellerer & Woeginger)
+        assert max(loads) <= _best_max_load(costs, world) * 4 / 3
+
+
+def test_balance_heads_examples():
+    assert balance_heads([25, 25, 5, 5], 2) == [0, 2, 1, 3]  # the busy heads go to different ranks
+    assert balance_heads([5, 25, 25, 5], 2) is None  # already even
+    assert balance_heads([1, 2, 3], 2) is None  # uneven head split (ulysses_anything): not balanced
+    assert balance_heads([7, 1], 1) is None
+
+
 # ---------------------------------------------------------------------------------------------------- two ranks
 def _wan_pipe():
     from tiny_wan import tiny_wan_pipeline
 
     return tiny_wan_pipeline(seed=0)
+
+
+def _wan4_pipe():
+    from diffusers import WanTransformer3DModel
+    from tiny_wan import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline(seed=0)
+    torch.manual_seed(0)
+    pipe.transformer = WanTransformer3DModel(  # tiny_wan's config with 4 heads × 32
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    ).eval()
+    return pipe
 
 
 def _wan_run(pipe, res: dict[str, int] | None = None) -> torch.Tensor:
@@ -144,7 +209,11 @@ def _flux_run(pipe, res: dict[str, int] | None = None) -> torch.Tensor:
 MODELS: dict[str, tuple[Callable[[], Any], Callable[..., torch.Tensor]]] = {
     "wan": (_wan_pipe, _wan_run),
     "flux": (_flux_pipe, _flux_run),
-    "flux3": (lambda: _flux_pipe(heads=3), _flux_run),  # 3 heads over 2 ranks: ulysses_anything pads to 4
+    "flux3": (lambda: _flux_pipe(heads=3), _flux_run),
+    "wan4": (
+        _wan4_pipe,
+        _wan_run,
+    ),  # 4 heads on 2 ranks: room for head balancing  # 3 heads over 2 ranks: ulysses_anything pads to 4
 }
 
 
@@ -153,6 +222,11 @@ def _profile(pipe: Any, kind: str) -> Profile | None:
         return None
     if kind == "dense":
         return Profile.dense(pipe.transformer)
+    if kind == "unbalanced":  # heads 0, 1 compute every block, heads 2, 3 few: the contiguous split is uneven
+        prof = Profile.uniform(pipe.transformer, "full", block_size=BLOCK)
+        for heads in prof.layers:
+            heads[2] = heads[3] = HeadSpec(*WINDOW_HEAD_1)
+        return prof
     prof = Profile.uniform(pipe.transformer, WINDOW[0], WINDOW[1], block_size=BLOCK)
     for (
         heads
@@ -297,6 +371,7 @@ CASES: dict[str, tuple[str, str, dict[str, Any] | None, dict[str, Any]]] = {
 # (Unequal sequence shards cannot run here: gloo's all_gather, used by diffusers' output gather, needs equal sizes;
 # gathered_order is checked for unequal shards by the pure tests above.)
 CASES["flux3-sparse-u2any"] = ("flux3", "sparse", {"ulysses_degree": 2, "ulysses_anything": True}, {})
+CASES["wan4-unbalanced-u2"] = ("wan4", "unbalanced", {"ulysses_degree": 2}, {})
 CASES["flux-sparse-wrong-order"] = ("flux", "sparse", {"ulysses_degree": 2}, {"order": "apply-before-cp"})
 CASES["wan-sparse-oneliner"] = ("wan", "sparse", {"ulysses_degree": 2}, {"order": "oneliner-before-cp"})
 
@@ -311,7 +386,8 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {name: _case(m, k, cp, **opts) for name, (m, k, cp, opts) in CASES.items()}
+        results: dict[str, Any] = {name: _case(m, k, cp, **opts) for name, (m, k, cp, opts) in CASES.items()}
+        results["balanced_orders"] = [o for o in parallel._BALANCE_CACHE.values() if o is not None]
         if rank == 0:
             torch.save(results, path)
     finally:
@@ -417,3 +493,10 @@ def test_one_liner_installed_before_enable_parallelism(two_ranks):
     got = two_ranks["wan-sparse-oneliner"]
     assert "error" not in got, got.get("error")
     assert torch.equal(got["out"], two_ranks["wan-sparse-u2"]["out"])
+
+
+def test_head_balancing_keeps_the_output_exact(two_ranks):
+    got = two_ranks["wan4-unbalanced-u2"]
+    assert "error" not in got, got.get("error")
+    assert [0, 2, 1, 3] in two_ranks["balanced_orders"]  # heads were reordered across the ranks
+    assert _rel(got["out"], _single("wan4", "unbalanced")) < SPARSE_REL_TOL
