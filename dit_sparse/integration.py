@@ -28,12 +28,23 @@ from typing import Any
 
 import torch
 
-from .patterns import MaskLayout, build_layer_mask, pattern_name
+from .patterns import (
+    PATTERNS,
+    MaskLayout,
+    build_layer_mask,
+    build_layer_perm,
+    force_text_dense,
+    is_dynamic,
+    pattern_name,
+    validate_pattern,
+)
 from .profile import Profile
 
 ROOT_HOOK_NAME = "dit_sparse_root_hook"
 DIFFUSERS_RANGE = ((0, 42), (0, 43))  # private hook / context-parallel API used here: pin and check
 _MASK_CACHE_SIZE = 32
+# skip(mode="reuse") keeps each reused head's last computed output; bounded (LRU eviction beyond this)
+REUSE_CACHE_MAX_BYTES = 1 << 30
 
 
 class SparseApplyError(RuntimeError):
@@ -67,6 +78,9 @@ class RunReport:
     steps: int = 0
     forwards: int = 0
     grids: list[tuple[int, int, int]] = field(default_factory=list)
+    # skip(mode="reuse"): (layer, step) -> "reused" or why the skipped heads were computed (dense) instead
+    reuse: dict[tuple[int, int], str] = field(default_factory=dict)
+    cache_bytes: dict[str, int] = field(default_factory=dict)  # peak bytes held per cache ("reuse", "masks")
 
     def mean_density(self) -> float:
         """Mean fraction of attention computed over all (layer, step) calls; dense calls count as 1."""
@@ -96,6 +110,11 @@ class RunReport:
         ]
         if self.attention_seconds:
             lines.append(f"  attention time {sum(self.attention_seconds.values()):.3f} s (measured)")
+        if self.cache_bytes:
+            lines.append(
+                "  cache peak "
+                + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(self.cache_bytes.items()))
+            )
         lines.extend(f"  dense fallback: {r}" for r in self.fallbacks)
         return "\n".join(lines)
 
@@ -110,10 +129,39 @@ class RunReport:
             "dense_calls": {f"{k[0]},{k[1]}": v for k, v in sorted(self.dense.items())},
             "fallbacks": list(self.fallbacks),
             "attention_seconds": sum(self.attention_seconds.values()) if self.attention_seconds else None,
+            "reuse": {f"{k[0]},{k[1]}": v for k, v in sorted(self.reuse.items())},
+            "cache_bytes": dict(self.cache_bytes),
         }
+
+    def note_cache(self, name: str, nbytes: int) -> None:
+        self.cache_bytes[name] = max(self.cache_bytes.get(name, 0), nbytes)
 
 
 # ---------------------------------------------------------------------------------------------------- binding
+@dataclass(frozen=True)
+class _StaticPlan:
+    """What one layer runs for one token layout, built once and cached (everything but dynamic masks)."""
+
+    mask: torch.Tensor  # bool (1, H, nB, nB), text dense; dynamic heads hold their always-kept blocks
+    perm: (
+        torch.Tensor | None
+    )  # int64 (1, H, N), identity for heads that keep the raster order; None: no head reorders
+    density: float  # of ``mask``
+    dynamic: tuple[
+        tuple[str, dict[str, Any], tuple[int, ...]], ...
+    ]  # (pattern, params, heads) per dynamic group
+    reuse: tuple[int, ...]  # heads with skip(mode="reuse")
+
+
+@dataclass(frozen=True)
+class _StepMask:
+    """A layer's mask with its dynamic heads filled in at step ``step`` (reused until the next refresh)."""
+
+    mask: torch.Tensor  # bool (B, H, nB, nB)
+    density: float
+    step: int
+
+
 @dataclass
 class _ForwardState:
     step: int = -1
@@ -134,7 +182,10 @@ class TransformerBinding:
         self.modules = family.self_attention_modules(transformer)
         self.layer_of: dict[int, int] = {id(m): i for i, (_, m) in enumerate(self.modules)}
         self.state = _ForwardState()
-        self.masks: OrderedDict[Any, tuple[torch.Tensor, float]] = OrderedDict()
+        self.masks: OrderedDict[Any, _StaticPlan] = OrderedDict()
+        self.step_masks: OrderedDict[Any, _StepMask] = OrderedDict()  # dynamic masks, per run
+        self.reuse_cache: OrderedDict[Any, torch.Tensor] = OrderedDict()  # skip(reuse) outputs, per run
+        self.reuse_cache_max_bytes = REUSE_CACHE_MAX_BYTES
         self.runs: list[RunReport] = []
         self._warned: set[str] = set()
         self.hook: Any = None
@@ -174,9 +225,16 @@ class TransformerBinding:
     def _start_run(self) -> None:
         self.runs.append(RunReport(transformer=type(self.transformer).__name__))
         del self.runs[:-8]  # keep the last few runs only
+        self._clear_run_caches()  # pipelines without a reset hook start a run here
 
     def reset(self) -> None:
         self.state = _ForwardState()
+        self._clear_run_caches()
+
+    def _clear_run_caches(self) -> None:
+        """Step-cached dynamic masks and reused head outputs belong to one run (one trajectory)."""
+        self.step_masks.clear()
+        self.reuse_cache.clear()
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -241,7 +299,7 @@ class TransformerBinding:
         prof = self.profile
         if st.step < prof.schedule.dense_steps:
             run.dense[key] = "warm-up step"
-            return dense_fn()
+            return self._dense_step(layer, dense_fn, layout)
         if layer in prof.schedule.dense_layers:
             run.dense[key] = "dense layer"
             return dense_fn()
@@ -275,17 +333,98 @@ class TransformerBinding:
         if text_valid is not None and not bool(text_valid.all()):
             out = self._padded_text(layer, qh, kh, vh, mlayout, scale, text_valid)
         else:
-            mask, density = self.layer_mask(layer, mlayout, qh.device)
+            plan = self._static_plan(layer, mlayout, qh.device)
+            mask, density = self._step_mask(layer, plan, mlayout, qh, kh)
             run.density[key] = density
-            out = self._kernel(qh, kh, vh, mask, scale)
+            out = self._kernel(qh, kh, vh, mask, scale, plan.perm)  # (B, H, N, D)
+            if plan.reuse:
+                out = self._reuse_heads(layer, plan.reuse, out, qh, kh, vh, scale)
         return out.transpose(1, 2) if bshd else out
 
     def _kernel(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float | None,
+        perm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from .kernels import sparse_attention
 
-        return sparse_attention(q, k, v, mask, self.profile.block_size, scale, impl=self.impl)
+        return sparse_attention(q, k, v, mask, self.profile.block_size, scale, impl=self.impl, perm=perm)
+
+    # -- skip(mode="reuse") -----------------------------------------------------------------------------
+    def _reuse_heads_of(self, layer: int) -> tuple[int, ...]:
+        return tuple(
+            h
+            for h, s in enumerate(self.profile.layers[layer])
+            if s.pattern == "skip" and s.params.get("mode") == "reuse"
+        )
+
+    def _dense_step(self, layer: int, dense_fn: Callable[[], torch.Tensor], layout: str) -> torch.Tensor:
+        """A dense (warm-up) step; heads that will be reused later remember this step's output."""
+        out = dense_fn()
+        heads = self._reuse_heads_of(layer)
+        if heads:
+            bhsd = out.transpose(1, 2) if layout == "bshd" else out  # (B, H, S, D)
+            self._remember(layer, heads, bhsd)
+        return out
+
+    def _remember(self, layer: int, heads: tuple[int, ...], out: torch.Tensor) -> None:
+        """Keep ``out[:, heads]`` for (CFG context, layer) within the byte budget (LRU eviction)."""
+        key = (self.state.context_name, layer)
+        self.reuse_cache.pop(key, None)
+        val = out[:, list(heads)].detach().clone()  # (B, R, N, D)
+        nbytes = val.numel() * val.element_size()
+        if nbytes > self.reuse_cache_max_bytes:
+            self.warn_once(
+                "reuse-full",
+                f"dit-sparse: skip(mode='reuse') needs {nbytes / 2**20:.1f} MiB per layer, more than the reuse cache's "
+                f"{self.reuse_cache_max_bytes / 2**20:.1f} MiB; those heads are computed (dense) instead of reused",
+            )
+            return
+        used = sum(t.numel() * t.element_size() for t in self.reuse_cache.values())
+        while self.reuse_cache and used + nbytes > self.reuse_cache_max_bytes:
+            _, old = self.reuse_cache.popitem(last=False)
+            used -= old.numel() * old.element_size()
+        self.reuse_cache[key] = val
+        if self.runs:
+            self.runs[-1].note_cache("reuse", used + nbytes)
+
+    def _reuse_heads(
+        self,
+        layer: int,
+        heads: tuple[int, ...],
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None,
+    ) -> torch.Tensor:
+        """Put the reused heads' previous output into ``out (B, H, N, D)``; on a miss (cache empty, evicted or
+        another shape) compute them densely, say so, and remember them for the next step."""
+        run, key = self.runs[-1], (layer, self.state.step)
+        idx = list(heads)
+        cached = self.reuse_cache.get((self.state.context_name, layer))
+        want = (out.shape[0], len(heads), out.shape[2], out.shape[3])
+        if cached is not None and tuple(cached.shape) == want and cached.dtype == out.dtype:
+            self.reuse_cache.move_to_end((self.state.context_name, layer))
+            out[:, idx] = cached
+            run.reuse[key] = "reused"
+            return out
+        why = "cache empty or evicted" if cached is None else f"cached shape {tuple(cached.shape)} != {want}"
+        self.warn_once(
+            "reuse-miss",
+            f"dit-sparse: skip(mode='reuse') heads had no previous output ({why}); they are computed dense instead "
+            "(give the profile a dense warm-up step so they have one)",
+        )
+        run.reuse[key] = f"computed dense: {why}"
+        out[:, idx] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, idx], k[:, idx], v[:, idx], scale=scale
+        ).to(out.dtype)  # (B, R, N, D)
+        self._remember(layer, heads, out)
+        return out
 
     def _padded_text(
         self,
@@ -307,10 +446,19 @@ class TransformerBinding:
             keep[text_start : text_start + mlayout.num_text] = text_valid[b].to(q.device)
             n_text = int(text_valid[b].sum())
             sub = MaskLayout(mlayout.grid, n_text, mlayout.text_first, mlayout.block_size)
-            mask, density = self.layer_mask(layer, sub, q.device)
-            densities.append(density)
             qb, kb, vb = q[b : b + 1, :, keep], k[b : b + 1, :, keep], v[b : b + 1, :, keep]
-            out[b : b + 1, :, keep] = self._kernel(qb, kb, vb, mask, scale)
+            plan = self._static_plan(layer, sub, q.device)
+            mask, density = self._step_mask(layer, plan, sub, qb, kb, sample=b)
+            if plan.reuse:  # not reused per sample: computed dense, and said so
+                mask = mask.clone()
+                mask[:, list(plan.reuse)] = True
+                self.warn_once(
+                    "reuse-padded",
+                    "dit-sparse: skip(mode='reuse') heads are computed dense when the text is padded",
+                )
+                self.runs[-1].reuse[(layer, self.state.step)] = "computed dense: padded text"
+            densities.append(density)
+            out[b : b + 1, :, keep] = self._kernel(qb, kb, vb, mask, scale, plan.perm)
             drop = ~keep
             if bool(drop.any()):
                 out[b : b + 1, :, drop] = torch.nn.functional.scaled_dot_product_attention(
@@ -320,20 +468,97 @@ class TransformerBinding:
         return out
 
     def layer_mask(self, layer: int, mlayout: MaskLayout, device: torch.device) -> tuple[torch.Tensor, float]:
-        """``[1, H, nB, nB]`` bool mask for ``layer`` (cached per head-pattern set, layout and device)."""
+        """``[1, H, nB, nB]`` bool mask for a layer of static, raster-order heads (cached).
+
+        Layers with reordering, dynamic or reused heads need :meth:`_static_plan` / :meth:`_step_mask` (and the
+        permutation); this raises for them rather than run a wrong mask.
+        """
+        plan = self._static_plan(layer, mlayout, device)
+        if plan.perm is not None or plan.dynamic or plan.reuse:
+            raise NotImplementedError(
+                f"dit-sparse layer {layer}: reordering, dynamic or skip(mode='reuse') heads are not supported on "
+                "this path (context parallelism); use static raster-order patterns for this layer"
+            )
+        return plan.mask, plan.density
+
+    def _static_plan(self, layer: int, mlayout: MaskLayout, device: torch.device) -> _StaticPlan:
+        """Mask, permutation and head groups of ``layer`` (cached per head-pattern set, layout and device)."""
         heads = [(s.pattern, s.params) for s in self.profile.layers[layer]]
-        key = (tuple(pattern_name(n, p) for n, p in heads), mlayout, str(device))
+        names = tuple(pattern_name(n, p) for n, p in heads)
+        key = (names, mlayout, str(device))
         hit = self.masks.get(key)
         if hit is not None:
             self.masks.move_to_end(key)
             return hit
-        mask = build_layer_mask(heads, mlayout, device)
         from .kernels import token_density
 
-        density = float(token_density(mask, mlayout.block_size, mlayout.seq_len, mlayout.seq_len))
-        self.masks[key] = (mask, density)
+        mask = build_layer_mask(heads, mlayout, device)
+        groups: dict[str, tuple[str, dict[str, Any], list[int]]] = {}
+        for h, ((name, params), nm) in enumerate(zip(heads, names, strict=True)):
+            if is_dynamic(name):
+                groups.setdefault(nm, (name, validate_pattern(name, params), []))[2].append(h)
+        plan = _StaticPlan(
+            mask=mask,
+            perm=build_layer_perm(heads, mlayout, device),
+            density=float(token_density(mask, mlayout.block_size, mlayout.seq_len, mlayout.seq_len)),
+            dynamic=tuple((n, p, tuple(hs)) for n, p, hs in groups.values()),
+            reuse=self._reuse_heads_of(layer),
+        )
+        self.masks[key] = plan
         while len(self.masks) > _MASK_CACHE_SIZE:
             self.masks.popitem(last=False)
+        return plan
+
+    def _refresh_interval(self, plan: _StaticPlan) -> int:
+        default = self.profile.schedule.refresh_interval
+        return min(default if p.get("refresh") is None else int(p["refresh"]) for _, p, _ in plan.dynamic)
+
+    def refresh_due(self, plan: _StaticPlan, cached_step: int | None) -> bool:
+        """Dynamic masks are rebuilt at sparse steps ``dense_steps + m·interval`` (every call for interval 0 or 1)
+        and whenever none is cached for this run."""
+        interval = self._refresh_interval(plan)
+        step = self.state.step
+        if cached_step is None or interval <= 1:
+            return True
+        return step != cached_step and (step - self.profile.schedule.dense_steps) % interval == 0
+
+    def _step_mask(
+        self,
+        layer: int,
+        plan: _StaticPlan,
+        mlayout: MaskLayout,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        sample: int | None = None,
+    ) -> tuple[torch.Tensor, float]:
+        """The layer's mask for this call: the static plan's, with dynamic heads filled in from ``q, k
+        (B, H, N, D)`` at refresh steps and reused in between (per CFG context, layout and batch)."""
+        if not plan.dynamic:
+            return plan.mask, plan.density
+        key = (layer, self.state.context_name, mlayout, q.shape[0], str(q.device), sample)
+        hit = self.step_masks.get(key)
+        if hit is not None and not self.refresh_due(plan, hit.step):
+            return hit.mask, hit.density
+        from .kernels import token_density
+
+        bsz = q.shape[0]
+        mask = plan.mask.expand(bsz, -1, -1, -1).clone()  # (B, H, nB, nB)
+        for name, params, heads in plan.dynamic:
+            idx = torch.tensor(heads, device=q.device)
+            perm = None if plan.perm is None else plan.perm[0, heads[0]]  # (N,) shared by the group
+            builder = PATTERNS[name].dynamic
+            assert builder is not None
+            mask[:, list(heads)] = builder(
+                mlayout, q.index_select(1, idx), k.index_select(1, idx), perm, **params
+            )
+        mask = force_text_dense(mask, mlayout)
+        # one host sync per refresh (the report's density), none on the steps that reuse the mask
+        density = float(token_density(mask, mlayout.block_size, mlayout.seq_len, mlayout.seq_len))
+        self.step_masks[key] = _StepMask(mask, density, self.state.step)
+        while len(self.step_masks) > 4 * _MASK_CACHE_SIZE:
+            self.step_masks.popitem(last=False)
+        if self.runs:
+            self.runs[-1].note_cache("masks", sum(m.mask.numel() for m in self.step_masks.values()))
         return mask, density
 
 

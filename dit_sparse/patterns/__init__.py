@@ -23,11 +23,23 @@ Builder = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class PatternSpec:
+    """A registered pattern.
+
+    ``builder(layout, device=, **params) -> bool [nB, nB]``. Optional:
+    ``permutation(layout, device=, **params) -> int64 [seq_len]`` (reordering patterns: the builder's mask is then
+    in permuted order; permuted position ``i`` holds original token ``perm[i]``) and
+    ``dynamic(layout, q, k, perm, **params) -> bool [B, Hs, nB, nB]`` (masks computed from the layer's q/k
+    ``(B, Hs, N, D)`` in original order, for the ``Hs`` heads that share these params, on the device, no host sync;
+    for a dynamic pattern ``builder`` gives the part that is always kept, e.g. for pictures).
+    """
+
     name: str
     builder: Builder
     defaults: dict[str, Any] = field(default_factory=dict)
     check: Callable[[dict[str, Any]], None] | None = None
     doc: str = ""
+    permutation: Callable[..., torch.Tensor | None] | None = None
+    dynamic: Builder | None = None
 
 
 PATTERNS: dict[str, PatternSpec] = {}
@@ -124,6 +136,38 @@ def build_pattern(
     return PATTERNS[name].builder(layout, device=torch.device(device), **full)
 
 
+def build_pattern_perm(
+    name: str, params: dict[str, Any], layout: MaskLayout, device: torch.device | str
+) -> torch.Tensor | None:
+    """One head's token permutation ``int64 [seq_len]``, or None if the pattern keeps the raster order."""
+    full = validate_pattern(name, params)
+    spec = PATTERNS.get(name)
+    if spec is None or spec.permutation is None:
+        return None
+    return spec.permutation(layout, device=torch.device(device), **full)
+
+
+def build_layer_perm(
+    heads: Sequence[tuple[str, dict[str, Any]]], layout: MaskLayout, device: torch.device | str
+) -> torch.Tensor | None:
+    """``int64 [1, H, seq_len]`` for the kernel (identity for heads without one), or None if no head reorders."""
+    built: dict[str, torch.Tensor | None] = {}
+    for name, params in heads:
+        key = pattern_name(name, params)
+        if key not in built:
+            built[key] = build_pattern_perm(name, params, layout, device)
+    if all(p is None for p in built.values()):
+        return None
+    ident = torch.arange(layout.seq_len, device=device)
+    perms = [built[pattern_name(n, p)] for n, p in heads]
+    return torch.stack([ident if p is None else p for p in perms]).unsqueeze(0)  # (1, H, N)
+
+
+def is_dynamic(name: str) -> bool:
+    spec = PATTERNS.get(name)
+    return spec is not None and spec.dynamic is not None
+
+
 def build_layer_mask(
     heads: Sequence[tuple[str, dict[str, Any]]], layout: MaskLayout, device: torch.device | str
 ) -> torch.Tensor:
@@ -203,12 +247,15 @@ __all__ = [
     "PatternSpec",
     "block_density",
     "build_layer_mask",
+    "build_layer_perm",
     "build_pattern",
+    "build_pattern_perm",
     "force_text_dense",
+    "is_dynamic",
     "parse_pattern_name",
     "pattern_name",
     "register",
     "validate_pattern",
 ]
 
-from . import static  # noqa: E402,F401
+from . import dynamic, reorder, static  # noqa: E402,F401
