@@ -15,6 +15,9 @@ the model's ``_cp_plan``:
   the gathered order is ``[text_0, image_0, text_1, image_1, …]``. The forward op gathers the tokens into the
   canonical ``[text, image]`` order the block masks are built for, and scatters the output back.
 
+Wan and FLUX are checked on two gloo ranks against one process (``tests/test_parallel.py``); LTX-Video and
+Qwen-Image follow from their diffusers ``_cp_plan`` but have no two-rank test yet.
+
 Shard sizes follow ``tensor_split`` (``chunk`` for equal shards, which diffusers requires unless
 ``ulysses_anything=True``); with ``ulysses_anything`` heads are padded to a multiple of N, so rank ``r`` holds global
 heads from ``r·⌈H/N⌉`` and the last rank may hold fewer.
@@ -49,7 +52,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # How each family's diffusers ``_cp_plan`` shards the self-attention sequence:
 #   "whole":    the whole sequence is one contiguous split (video-only self-attention)
-#   "segments": text and video are split separately; each rank's local sequence is [text_r, video_r] (text first)
+#   "segments": text and video are split separately; each rank's local sequence is [text_r, video_r] (or
+#               [video_r, text_r] for text-last models), as FLUX's and Qwen-Image's plans do
 # A family may also declare ``cp_sharding`` itself (a class attribute with one of these values), which wins.
 CP_SHARDING: dict[str, str] = {"wan": "whole", "ltx": "whole", "flux": "segments", "qwen_image": "segments"}
 # Reorder heads across Ulysses ranks only when it lowers the busiest rank's block count by at least this fraction
@@ -143,6 +147,8 @@ def head_order(binding: TransformerBinding, layer: int, mlayout: MaskLayout, wor
     if key not in _BALANCE_CACHE:
         mask, _ = binding.layer_mask(layer, mlayout, torch.device("cpu"))  # (1, H, nB, nB)
         costs = mask.sum(dim=(0, 2, 3)).tolist()  # computed blocks per head ~ kernel time per head
+        if len(_BALANCE_CACHE) > 256:
+            _BALANCE_CACHE.clear()
         _BALANCE_CACHE[key] = balance_heads(costs, world)
     return _BALANCE_CACHE[key]
 
@@ -174,6 +180,20 @@ def templated_cp_attention() -> Callable[..., Any]:
         )
     assert fn is not None
     return fn
+
+
+def inherit_parallel_config(processor: Any, transformer: Any) -> None:
+    """Give a processor with no ``_parallel_config`` the transformer's context-parallel config.
+
+    ``enable_parallelism()`` writes the config onto the processors present at that moment (and onto the model);
+    ``transformer.set_attn_processor(SparseProcessor(p))`` afterwards replaces them with a processor that has none,
+    and every layer would then attend within its own sequence shard only: wrong, silently, on dense layers. For
+    the one-liner's binding (the shared processor instance) to call; ``apply()`` copies the config per layer.
+    """
+    if getattr(processor, "_parallel_config", None) is None:
+        config = getattr(transformer, "_parallel_config", None)
+        if getattr(config, "context_parallel_config", None) is not None:
+            processor._parallel_config = config
 
 
 def _sharding_of(family: Any) -> str | None:

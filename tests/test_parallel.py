@@ -348,6 +348,8 @@ def _run_case(
             pipe.transformer.enable_parallelism(config=ContextParallelConfig(**cp))
         if prof is not None and order == "apply-after-cp":
             handle = dit_sparse.apply(pipe, prof)
+        if prof is not None and order == "oneliner-after-cp":
+            pipe.transformer.set_attn_processor(dit_sparse.SparseProcessor(prof))
         try:
             out["out"] = run(pipe, res)
         except Exception as exc:
@@ -374,6 +376,7 @@ CASES["flux3-sparse-u2any"] = ("flux3", "sparse", {"ulysses_degree": 2, "ulysses
 CASES["wan4-unbalanced-u2"] = ("wan4", "unbalanced", {"ulysses_degree": 2}, {})
 CASES["flux-sparse-wrong-order"] = ("flux", "sparse", {"ulysses_degree": 2}, {"order": "apply-before-cp"})
 CASES["wan-sparse-oneliner"] = ("wan", "sparse", {"ulysses_degree": 2}, {"order": "oneliner-before-cp"})
+CASES["wan-dense-oneliner-after"] = ("wan", "dense", {"ulysses_degree": 2}, {"order": "oneliner-after-cp"})
 
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:
@@ -500,3 +503,16 @@ def test_head_balancing_keeps_the_output_exact(two_ranks):
     assert "error" not in got, got.get("error")
     assert [0, 2, 1, 3] in two_ranks["balanced_orders"]  # heads were reordered across the ranks
     assert _rel(got["out"], _single("wan4", "unbalanced")) < SPARSE_REL_TOL
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: the one-liner installed AFTER enable_parallelism() has no _parallel_config, so each rank "
+    "attends within its own shard (silently wrong dense output). Fix: call "
+    "dit_sparse.parallel.inherit_parallel_config(processor, transformer) in integration._bind_transformer's "
+    "one-liner branch, then drop this marker.",
+)
+def test_one_liner_installed_after_enable_parallelism(two_ranks):
+    got = two_ranks["wan-dense-oneliner-after"]
+    assert "error" not in got, got.get("error")
+    assert torch.equal(got["out"], two_ranks["wan-plain-u2"]["out"])
