@@ -761,9 +761,12 @@ def _bind_transformer(
     profile.check_compatible(family.fingerprint(transformer), family.name)
     binding = TransformerBinding(transformer, family, profile, impl, timing)
     _install_root_hook(binding)
-    if (
-        processor is not None
-    ):  # one-liner: the shared instance serves every attention module of the transformer
+    if processor is not None:
+        # one-liner: the shared instance serves every attention module of the transformer; installed after
+        # enable_parallelism(), it replaced processors that carried the context-parallel config: inherit it
+        from .parallel import inherit_parallel_config
+
+        inherit_parallel_config(processor, transformer)
         for _, module in _attention_modules(transformer):
             processor._bind(module, binding, binding.layer_of.get(id(module)))
     return binding

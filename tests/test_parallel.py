@@ -505,13 +505,6 @@ def test_head_balancing_keeps_the_output_exact(two_ranks):
     assert _rel(got["out"], _single("wan4", "unbalanced")) < SPARSE_REL_TOL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the one-liner installed AFTER enable_parallelism() has no _parallel_config, so each rank "
-    "attends within its own shard (silently wrong dense output). Fix: call "
-    "dit_sparse.parallel.inherit_parallel_config(processor, transformer) in integration._bind_transformer's "
-    "one-liner branch, then drop this marker.",
-)
 def test_one_liner_installed_after_enable_parallelism(two_ranks):
     got = two_ranks["wan-dense-oneliner-after"]
     assert "error" not in got, got.get("error")
