@@ -112,6 +112,38 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_demo)
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from dit_sparse.profiler.cli import run_profile
+
+    return run_profile(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from dit_sparse.profiler.cli import run_inspect_cli
+
+    return run_inspect_cli(args)
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    from dit_sparse.profiler.cli import PROFILE_DESCRIPTION, add_inspect_args, add_profile_args
+
+    prof = sub.add_parser(
+        "profile",
+        help="calibrate a DiT and write its sparse-attention profile (JSON)",
+        description=PROFILE_DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_profile_args(prof)
+    prof.set_defaults(func=_profile)
+    insp = sub.add_parser(
+        "inspect",
+        help="what a profile holds: per-layer pattern mix and density, PNG heatmaps",
+        description="Print a profile's per-layer pattern mix, density and error; --png-dir also writes pictures.",
+    )
+    add_inspect_args(insp)
+    insp.set_defaults(func=_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dit_sparse import __version__
 
@@ -125,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_bench(sub)
     _add_demo(sub)
+    _add_profile(sub)
     return parser
 
 

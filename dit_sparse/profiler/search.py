@@ -1,0 +1,252 @@
+"""Candidate patterns, the kernel cost model and the per-head search.
+
+Cost model (calibrated on the real kernel, ``impl`` as used at generation time, at the captured attention shape):
+
+    sparse layer call:  t = overhead_s + per_block_s · Σ_heads computed_blocks(head)
+    dense layer call:   t = dense_s   (the model's own SDPA; a layer whose heads are all dense runs it)
+
+``per_block_s`` and ``overhead_s`` come from timing ``sparse_attention`` at two densities (every block, and a
+block-diagonal band of about a quarter of the blocks): the slope between the two is the cost of one (query block,
+key block) pair over all heads divided by H, the intercept the per-call overhead (index building, launch). ``dense_s``
+times ``scaled_dot_product_attention`` on the same shape. Partial blocks cost as much as full ones (the kernel
+computes whole tiles).
+
+Search, per layer and head: the cheapest candidate (fewest computed blocks; ties: lower error, then candidate
+order) whose worst relative output error over the calibration samples and the sampled sparse steps fits the budget;
+``dense`` always fits. Then per layer: if the predicted sparse call is not cheaper than dense, the layer runs dense.
+Then the dense warm-up: every ``w`` in ``{0} ∪ {s + 1 : s sampled}`` is tried (steps before ``w`` dense, errors of
+steps ``>= w`` only), and the ``w`` with the lowest predicted total attention time wins (ties: smaller ``w``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..patterns import MaskLayout, build_layer_mask, pattern_name
+
+Candidate = tuple[str, dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------------------ candidates
+def candidate_grid(layout: MaskLayout) -> list[Candidate]:
+    """Static patterns with small parameter grids scaled to the latent grid, plus ``dense`` and ``skip``.
+
+    Order matters only for ties (earlier wins) and de-duplication (the first of identical masks is kept)."""
+    grid_f, grid_h, grid_w = layout.grid
+    bs = layout.block_size
+    frame = grid_h * grid_w
+    cands: list[Candidate] = [("dense", {}), ("skip", {"mode": "zero"})]
+    spans_f = sorted({0, 1, 2, max(0, grid_f // 4)} & set(range(grid_f)))
+    for f in spans_f:
+        for frac in (8, 4, 2):
+            cands.append(("window", {"f": f, "h": max(1, grid_h // frac), "w": max(1, grid_w // frac)}))
+    if grid_f > 1:
+        for dense_frames in (0, 1):
+            for band in sorted({bs, 2 * bs, 4 * bs, frame}):
+                for sink in (0, 1):
+                    cands.append(("radial", {"dense_frames": dense_frames, "band": band, "sink": sink}))
+        tile = (min(2, grid_f), max(1, grid_h // 4), max(1, grid_w // 4))
+        cands.append(
+            ("tile_window", {"tf": tile[0], "th": tile[1], "tw": tile[2], "wf": 1, "wh": 1, "ww": 1})
+        )
+        for width in sorted({max(1, frame // 4), max(1, frame // 2)}):
+            cands.append(("diagonal", {"width": width, "order": "frame"}))
+    for width in sorted({bs, 4 * bs, 2 * frame}):
+        cands.append(("diagonal", {"width": width, "order": "token"}))
+    cands.append(("stripe", {"positions": [0], "width": frame, "order": "token"}))
+    return cands
+
+
+def candidate_masks(cands: list[Candidate], layout: MaskLayout) -> tuple[list[Candidate], torch.Tensor]:
+    """Masks ``bool (C, nB, nB)`` (text forced dense) for the candidates; later duplicates of a mask are dropped."""
+    kept: list[Candidate] = []
+    masks: list[torch.Tensor] = []
+    seen: set[bytes] = set()
+    for name, params in cands:
+        m = build_layer_mask([(name, params)], layout, "cpu")[0, 0]  # (nB, nB)
+        key = m.numpy().tobytes()
+        if name != "dense" and key in seen:  # "dense" stays even if "full"-shaped (it runs SDPA)
+            continue
+        seen.add(key)
+        kept.append((name, params))
+        masks.append(m)
+    return kept, torch.stack(masks)
+
+
+# ------------------------------------------------------------------------------------------------ cost model
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted seconds of one layer's attention call (see the module docstring)."""
+
+    overhead_s: float
+    per_block_s: float  # one (query block, key block) pair of one head
+    dense_s: float
+    source: str = "given"
+
+    def sparse_call(self, blocks: float) -> float:
+        return self.overhead_s + self.per_block_s * blocks
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CostModel:
+        return cls(
+            float(d["overhead_s"]), float(d["per_block_s"]), float(d["dense_s"]), str(d.get("source", ""))
+        )
+
+
+def _median_time(fn: Any, reps: int, device: torch.device) -> float:
+    fn()  # warm-up (Triton compile, allocator)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def calibrate_cost_model(
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    impl: str = "auto",
+    reps: int = 3,
+) -> CostModel:
+    """Time the real kernel at two densities (every block; a band of ~1/4 of the blocks) and dense SDPA."""
+    from ..kernels import sparse_attention
+
+    bsz, heads, n, dim = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(bsz, heads, n, dim, generator=g).to(device, dtype) for _ in range(3))
+    nb = -(-n // block_size)
+    full = torch.ones(1, 1, nb, nb, dtype=torch.bool, device=device)
+    idx = torch.arange(nb, device=device)
+    radius = max(0, math.ceil(nb / 8) - 1)
+    band = ((idx[:, None] - idx[None, :]).abs() <= radius)[None, None]  # ~1/4 of the blocks
+    t_full = _median_time(lambda: sparse_attention(q, k, v, full, block_size, impl=impl), reps, device)
+    t_band = _median_time(lambda: sparse_attention(q, k, v, band, block_size, impl=impl), reps, device)
+    t_dense = _median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps, device)
+    b_full, b_band = heads * nb * nb, heads * int(band.sum())
+    per_block = max((t_full - t_band) / max(1, b_full - b_band), 1e-12)  # slope per (head, block pair)
+    overhead = max(t_full - per_block * b_full, 0.0)
+    return CostModel(overhead, per_block, t_dense, source=f"timed {impl} on {device.type} {shape}")
+
+
+# ------------------------------------------------------------------------------------------------ search
+@dataclass
+class SearchResult:
+    choice: list[list[int]]  # (L, H) candidate index per head
+    dense_steps: int
+    dense_layers: list[int]
+    worst_error: list[list[float]]  # (L, H) worst error of the chosen candidate over steps >= dense_steps
+    predicted_seconds: float  # attention seconds for all steps (cost model)
+    dense_seconds: float  # the same, all dense
+    budget: float
+
+
+def choose_heads(errors: torch.Tensor, blocks: torch.Tensor, budget: float, dense_index: int) -> torch.Tensor:
+    """``errors (S, C, H)`` worst error per sampled step; ``blocks (C,)`` computed blocks per head. Returns the
+    chosen candidate per head ``(H,)``: fewest blocks with ``max_s errors <= budget``; ties: lower error, index."""
+    worst = errors.amax(dim=0) if errors.shape[0] else torch.zeros(errors.shape[1:], dtype=errors.dtype)
+    num_c, num_h = worst.shape
+    out = []
+    for h in range(num_h):
+        keys = [
+            (float(blocks[c]), float(worst[c, h]), c)
+            for c in range(num_c)
+            if c == dense_index or float(worst[c, h]) <= budget
+        ]
+        out.append(min(keys)[2])
+    return torch.tensor(out, dtype=torch.long)
+
+
+def search(
+    errors: torch.Tensor,
+    steps_sampled: list[int],
+    num_steps: int,
+    blocks: torch.Tensor,
+    dense_index: int,
+    cost: CostModel,
+    budget: float,
+) -> SearchResult:
+    """``errors (L, S, C, H)``: worst relative error over calibration samples per (layer, sampled step,
+    candidate, head). See the module docstring for the rules."""
+    if budget < 0 or math.isnan(budget):
+        raise ValueError(f"budget must be a relative error >= 0, got {budget}")
+    num_layers = errors.shape[0]
+    num_heads = errors.shape[3]
+    options = [0] + [s + 1 for s in steps_sampled if s + 1 < num_steps]
+    best: SearchResult | None = None
+    dense_all = num_steps * num_layers * cost.dense_s
+    for w in sorted(set(options)):
+        keep = [i for i, s in enumerate(steps_sampled) if s >= w]
+        choice, worst, dense_layers = [], [], []
+        per_step = 0.0
+        for layer in range(num_layers):
+            e = errors[layer, keep]  # (S', C, H)
+            c = choose_heads(e, blocks, budget, dense_index)
+            heads_worst = e.amax(dim=0) if len(keep) else torch.zeros(errors.shape[2:], dtype=errors.dtype)
+            sparse_t = cost.sparse_call(float(blocks[c].sum()))
+            if bool((c == dense_index).all()) or sparse_t >= cost.dense_s:
+                c = torch.full((num_heads,), dense_index, dtype=torch.long)
+                dense_layers.append(layer)
+                per_step += cost.dense_s
+            else:
+                per_step += sparse_t
+            choice.append(c.tolist())
+            worst.append([float(heads_worst[c[h], h]) for h in range(num_heads)])
+        total = w * num_layers * cost.dense_s + (num_steps - w) * per_step
+        if best is None or total < best.predicted_seconds:
+            best = SearchResult(choice, w, dense_layers, worst, total, dense_all, budget)
+    assert best is not None
+    return best
+
+
+def search_density(
+    errors: torch.Tensor,
+    steps_sampled: list[int],
+    num_steps: int,
+    blocks: torch.Tensor,
+    dense_index: int,
+    cost: CostModel,
+    target: float,
+    total_blocks: int,
+) -> SearchResult:
+    """The smallest error budget whose profile has mean head density ``<= target`` (density of a head = its
+    candidate's blocks / all blocks; dense layers count 1). If even the loosest budget misses the target, that
+    profile is returned (the caller reports the miss)."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target density must be in (0, 1], got {target}")
+    budgets = sorted({0.0, *(float(x) for x in errors.flatten().tolist() if math.isfinite(x))})
+    result: SearchResult | None = None
+    lo, hi = 0, len(budgets) - 1
+    while lo <= hi:  # density is non-increasing in the budget: bisect
+        mid = (lo + hi) // 2
+        r = search(errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[mid])
+        if mean_density(r, blocks, total_blocks) <= target:
+            result, hi = r, mid - 1
+        else:
+            lo = mid + 1
+    if result is None:
+        result = search(errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[-1])
+    return result
+
+
+def mean_density(result: SearchResult, blocks: torch.Tensor, total_blocks: int) -> float:
+    vals = [float(blocks[c]) / total_blocks for heads in result.choice for c in heads]
+    return sum(vals) / len(vals)
+
+
+def describe(cand: Candidate) -> str:
+    return pattern_name(*cand)

@@ -1,0 +1,129 @@
+"""Per-head attention statistics on captured q/k/v, without an N×N matrix.
+
+For one self-attention call (q, k, v ``(B, H, N, D)``) and a list of candidate block masks this computes, per head:
+
+* the block-pooled attention mass of a *sample of query blocks* (``(H, nSel, nB)``: each sampled query block's
+  mean attention probability summed per key block, so every row sums to 1), and the share of that mass each
+  candidate mask keeps (its *coverage*);
+* each candidate's output error against dense: ``||O_c - O||_F / ||O||_F`` over the sampled query rows, where
+  ``O`` is exact fp32 softmax attention and ``O_c`` is :func:`dit_sparse.kernels.sparse_attention` (the kernel that
+  will run, ``impl`` as requested) with the candidate's mask.
+
+Memory: dense rows are computed in chunks of query rows so that at most ``chunk_elems`` scores (``B·H·rows·N``)
+exist at once; candidates run one at a time over the sampled rows only. Sampling: ``max_query_blocks`` query blocks
+evenly spaced over the sequence (always all of them when there are fewer), so the errors are exact for small
+sequences and an unbiased-by-position estimate for long ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_ELEMS = 1 << 25  # 32M fp32 scores = 128 MiB per chunk
+
+
+def sample_query_blocks(num_blocks: int, max_blocks: int) -> torch.Tensor:
+    """``max_blocks`` query block ids evenly spaced over ``0..num_blocks-1`` (all of them if fewer), ascending."""
+    if max_blocks < 1:
+        raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
+    if num_blocks <= max_blocks:
+        return torch.arange(num_blocks)
+    return torch.unique(torch.linspace(0, num_blocks - 1, max_blocks).round().long())
+
+
+def block_rows(blocks: torch.Tensor, block_size: int, seq_len: int) -> torch.Tensor:
+    """Token rows of the given ascending block ids (the last block may be partial): ``int64 (R,)``."""
+    offs = torch.arange(block_size)
+    rows = (blocks[:, None] * block_size + offs[None, :]).reshape(-1)  # (nSel·bs,)
+    return rows[rows < seq_len]
+
+
+@dataclass
+class CallStats:
+    """Statistics of one attention call (summed over its batch): per-candidate squared errors and norms."""
+
+    err_sq: torch.Tensor  # float64 (C, H): sum over sampled rows of ||O_c - O||²
+    ref_sq: torch.Tensor  # float64 (H,): sum over sampled rows of ||O||²
+    mass: (
+        torch.Tensor
+    )  # float64 (H, nSel, nB): pooled attention mass of the sampled query blocks (mean over batch)
+    coverage: torch.Tensor  # float64 (C, H): share of the sampled mass inside each candidate mask
+
+
+def dense_rows_and_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+    sel_blocks: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact fp32 attention output of query ``rows`` ``(B, H, R, D)`` and the block-pooled mass ``(B, H, nSel, nB)``
+    of the sampled query blocks, computed in chunks of rows (at most ``chunk_elems`` scores at once)."""
+    bsz, heads, n, dim = k.shape
+    scale = dim**-0.5 if scale is None else scale
+    nb = -(-n // block_size)
+    kf, vf = k.float(), v.float()
+    key_block = torch.arange(n, device=k.device) // block_size  # (N,)
+    row_block = torch.searchsorted(
+        sel_blocks.to(rows.device), rows // block_size
+    )  # (R,) index into sel_blocks
+    out = torch.empty(bsz, heads, len(rows), dim, dtype=torch.float32, device=q.device)
+    mass = torch.zeros(bsz, heads, len(sel_blocks), nb, dtype=torch.float64, device=q.device)
+    chunk = max(1, chunk_elems // max(1, bsz * heads * n))
+    for r0 in range(0, len(rows), chunk):
+        r = rows[r0 : r0 + chunk].to(q.device)
+        s = torch.matmul(q[:, :, r].float(), kf.transpose(-1, -2)) * scale  # (B, H, c, N)
+        p = torch.softmax(s, dim=-1)
+        out[:, :, r0 : r0 + len(r)] = torch.matmul(p, vf)
+        pooled = torch.zeros(bsz, heads, len(r), nb, dtype=torch.float32, device=q.device)
+        pooled.index_add_(3, key_block, p)  # (B, H, c, nB)
+        mass.index_add_(2, row_block[r0 : r0 + len(r)].to(q.device), pooled.double())
+    counts = torch.bincount(row_block, minlength=len(sel_blocks)).to(mass)  # rows per sampled block
+    return out, mass / counts.view(1, 1, -1, 1)
+
+
+def call_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    masks: torch.Tensor,
+    block_size: int,
+    max_query_blocks: int = 32,
+    impl: str = "auto",
+    scale: float | None = None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> CallStats:
+    """Statistics of one self-attention call. ``q, k, v``: ``(B, H, N, D)``; ``masks``: bool ``(C, nB, nB)`` one
+    per candidate (text rows/columns already forced)."""
+    from ..kernels import sparse_attention
+
+    n = q.shape[2]
+    nb = -(-n // block_size)
+    if masks.shape[-2:] != (nb, nb):
+        raise ValueError(f"candidate masks are {tuple(masks.shape[-2:])} blocks, the call has {nb}×{nb}")
+    sel = sample_query_blocks(nb, max_query_blocks)  # (nSel,)
+    rows = block_rows(sel, block_size, n)  # (R,)
+    ref, mass = dense_rows_and_mass(q, k, v, rows, sel, block_size, scale, chunk_elems)
+    q_sub = q[:, :, rows.to(q.device)]  # (B, H, R, D): block i of q_sub = sampled block sel[i]
+    masks = masks.to(q.device)
+    err = []
+    for c in range(masks.shape[0]):
+        m = masks[c][sel.to(q.device)][None, None]  # (1, 1, nSel, nB)
+        o = sparse_attention(q_sub, k, v, m, block_size, scale, impl=impl).float()  # (B, H, R, D)
+        err.append(((o - ref).double() ** 2).sum(dim=(0, 2, 3)))  # (H,)
+    ref_sq = (ref.double() ** 2).sum(dim=(0, 2, 3))
+    mass = mass.mean(dim=0)  # (H, nSel, nB)
+    sel_masks = masks[:, sel.to(q.device)].double()  # (C, nSel, nB)
+    coverage = torch.einsum("csk,hsk->ch", sel_masks, mass) / len(sel)
+    return CallStats(torch.stack(err).cpu(), ref_sq.cpu(), mass.cpu(), coverage.cpu())
+
+
+def relative_error(err_sq: torch.Tensor, ref_sq: torch.Tensor) -> torch.Tensor:
+    """``sqrt(err_sq / ref_sq)`` per head, with a zero reference giving 0 (no error) or inf (error on nothing)."""
+    ref = ref_sq.clamp(min=torch.finfo(torch.float64).tiny)
+    return torch.where(ref_sq > 0, (err_sq / ref).sqrt(), torch.where(err_sq > 0, torch.inf, 0.0).to(err_sq))
