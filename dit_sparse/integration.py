@@ -186,6 +186,7 @@ class TransformerBinding:
         self.step_masks: OrderedDict[Any, _StepMask] = OrderedDict()  # dynamic masks, per run
         self.reuse_cache: OrderedDict[Any, torch.Tensor] = OrderedDict()  # skip(reuse) outputs, per run
         self.reuse_cache_max_bytes = REUSE_CACHE_MAX_BYTES
+        self._reuse_too_big: set[Any] = set()  # (context, layer) whose reused heads did not fit the cache
         self.runs: list[RunReport] = []
         self._warned: set[str] = set()
         self.hook: Any = None
@@ -235,6 +236,7 @@ class TransformerBinding:
         """Step-cached dynamic masks and reused head outputs belong to one run (one trajectory)."""
         self.step_masks.clear()
         self.reuse_cache.clear()
+        self._reuse_too_big.clear()
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -378,6 +380,7 @@ class TransformerBinding:
         val = out[:, list(heads)].detach().clone()  # (B, R, N, D)
         nbytes = val.numel() * val.element_size()
         if nbytes > self.reuse_cache_max_bytes:
+            self._reuse_too_big.add(key)
             self.warn_once(
                 "reuse-full",
                 f"dit-sparse: skip(mode='reuse') needs {nbytes / 2**20:.1f} MiB per layer, more than the reuse cache's "
@@ -413,7 +416,12 @@ class TransformerBinding:
             out[:, idx] = cached
             run.reuse[key] = "reused"
             return out
-        why = "cache empty or evicted" if cached is None else f"cached shape {tuple(cached.shape)} != {want}"
+        if cached is not None:
+            why = f"cached shape {tuple(cached.shape)} != {want}"
+        elif (self.state.context_name, layer) in self._reuse_too_big:
+            why = "cache full (one layer's heads exceed reuse_cache_max_bytes)"
+        else:
+            why = "cache empty or evicted"
         self.warn_once(
             "reuse-miss",
             f"dit-sparse: skip(mode='reuse') heads had no previous output ({why}); they are computed dense instead "
