@@ -187,12 +187,14 @@ class Collector:
                 raise ProfilerError("the checkpoint's candidate patterns differ from this run's; use --force")
             st["candidates"] = names
             st["candidate_specs"] = [[n, p] for n, p in kept]
-        if "cost" not in st:
-            cm = calibrate_cost_model(tuple(q.shape), q.dtype, q.device, st["block_size"], self.cfg.impl)  # type: ignore[arg-type]
-            st["cost"] = cm.to_dict()
+        if "shape" not in st:
             st["shape"] = list(q.shape)
             st["dtype"] = str(q.dtype).replace("torch.", "")
             st["device"] = _device_name(q.device)
+        if "cost" not in st:
+            shape = (int(q.shape[0]), int(q.shape[1]), int(q.shape[2]), int(q.shape[3]))
+            cm = calibrate_cost_model(shape, q.dtype, q.device, st["block_size"], self.cfg.impl)
+            st["cost"] = cm.to_dict()
 
     def errors(self) -> dict[str, list[list[float]]]:
         """``"layer,step" -> (C, H)`` relative errors of this sample."""

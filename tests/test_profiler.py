@@ -1,0 +1,409 @@
+"""The profiler: statistics vs brute force, the search on planted heads, the tiny model end to end, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_sparse import Profile, apply
+from dit_sparse.kernels import reference_attention
+from dit_sparse.patterns import MaskLayout, build_layer_mask
+from dit_sparse.profiler import (
+    CostModel,
+    ProfileConfig,
+    ProfilerError,
+    call_stats,
+    candidate_grid,
+    candidate_masks,
+    choose_heads,
+    profile_pipeline,
+    read_prompts,
+    search,
+)
+from dit_sparse.profiler.run import default_encoder
+from dit_sparse.profiler.stats import block_rows, sample_query_blocks
+
+CHEAP_SPARSE = CostModel(overhead_s=0.0, per_block_s=1e-6, dense_s=1.0)  # deterministic: sparse always pays
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def _oracle_errors(q, k, v, masks, bs, rows):
+    """fp64 brute force: per candidate and head, ||O_c - O|| / ||O|| over ``rows``."""
+    n = q.shape[2]
+    dense = reference_attention(q, k, v, None, bs)[:, :, rows]  # (B, H, R, D) fp64
+    out = []
+    for m in masks:
+        o = reference_attention(q, k, v, m[None, None], bs)[:, :, rows]
+        out.append(((o - dense) ** 2).sum(dim=(0, 2, 3)).sqrt() / (dense**2).sum(dim=(0, 2, 3)).sqrt())
+    del n
+    return torch.stack(out)  # (C, H)
+
+
+@pytest.mark.parametrize("max_blocks", [100, 3])
+def test_call_stats_matches_brute_force(max_blocks):
+    torch.manual_seed(0)
+    bs, n = 16, 75  # partial last block
+    nb = -(-n // bs)
+    q, k, v = (torch.randn(2, 3, n, 32) for _ in range(3))
+    masks = torch.rand(4, nb, nb) > 0.5
+    masks[:, torch.arange(nb), torch.arange(nb)] = True
+    masks[0] = True
+    st = call_stats(q, k, v, masks, bs, max_query_blocks=max_blocks, chunk_elems=500)  # many chunks
+    sel = sample_query_blocks(nb, max_blocks)
+    rows = block_rows(sel, bs, n)
+    expect = _oracle_errors(q.double(), k.double(), v.double(), masks, bs, rows)
+    got = (st.err_sq / st.ref_sq).sqrt()
+    torch.testing.assert_close(got, expect, atol=2e-5, rtol=1e-4)
+    # pooled mass: mean softmax row of each sampled block, summed per key block (brute force)
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(32), dim=-1)  # (B, H, N, N)
+    pooled = torch.zeros(2, 3, n, nb, dtype=torch.float64).index_add_(3, torch.arange(n) // bs, p)
+    per_block = torch.stack(
+        [pooled[:, :, block_rows(sel[i : i + 1], bs, n)].mean(2) for i in range(len(sel))], 2
+    )
+    torch.testing.assert_close(st.mass, per_block.mean(0), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(st.mass.sum(-1), torch.ones_like(st.mass.sum(-1)), atol=1e-5)
+
+
+def _fourier(coord: torch.Tensor, dim: int, omega: float) -> torch.Tensor:
+    """Features whose dot product is sum_j cos(omega_j (x - y)): peaked at x == y."""
+    freqs = omega * torch.linspace(0.5, 1.0, dim // 2)
+    ang = coord[:, None].double() * freqs[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=1)
+
+
+def _planted_qkv(layout: MaskLayout, dim: int = 48, sharp: float = 6.0):
+    """Head 0 local (attention peaks at the query's own (f, h, w) and decays within ~1 latent unit), head 1 global
+    (q = 0: uniform attention)."""
+    coords = layout.token_coords()  # (N, 3)
+    feats = torch.cat([_fourier(coords[:, a], dim // 3, 0.4) for a in range(3)], dim=1)  # (N, dim)
+    local = (sharp * feats).float()
+    torch.manual_seed(1)
+    v = torch.randn(1, 2, layout.seq_len, dim)
+    q = torch.stack([local, torch.zeros_like(local)])[None]  # (1, 2, N, dim)
+    k = torch.stack([local, torch.randn_like(local)])[None]
+    return q, k, v
+
+
+def test_search_assigns_local_pattern_to_planted_local_head_and_keeps_global_head_dense():
+    layout = MaskLayout((6, 12, 10), block_size=32)  # 720 tokens, 23 blocks, 3.75 blocks per frame
+    q, k, v = _planted_qkv(layout)
+    cands, masks = candidate_masks(candidate_grid(layout), layout)
+    st = call_stats(q, k, v, masks, layout.block_size, max_query_blocks=64)
+    err = (st.err_sq / st.ref_sq).sqrt()  # (C, H)
+    blocks = masks.flatten(1).sum(1).double()
+    dense_index = [n for n, _ in cands].index("dense")
+    choice = choose_heads(err[None], blocks, 0.05, dense_index)
+    local_name, local_params = cands[int(choice[0])]
+    assert local_name in ("window", "tile_window", "radial"), cands[int(choice[0])]
+    assert float(blocks[choice[0]]) / layout.num_blocks**2 < 0.6
+    assert cands[int(choice[1])][0] == "dense"
+    # the chosen pattern's error, measured independently in fp64, fits the budget
+    m = build_layer_mask([(local_name, local_params)], layout, "cpu")[0, 0]
+    oracle = _oracle_errors(
+        q.double(), k.double(), v.double(), m[None], layout.block_size, torch.arange(layout.seq_len)
+    )
+    assert float(oracle[0, 0]) <= 0.05
+
+
+def test_choose_heads_and_search_rules():
+    # candidates: 0 dense (100 blocks), 1 cheap (10), 2 medium (40)
+    blocks = torch.tensor([100.0, 10.0, 40.0])
+    err = torch.tensor([[[0.0, 0.0], [0.2, 0.01], [0.04, 0.3]]])  # (S=1, C, H)
+    assert choose_heads(err, blocks, 0.05, 0).tolist() == [2, 1]
+    assert choose_heads(err, blocks, 0.0, 0).tolist() == [0, 0]  # nothing fits: dense
+    # warm-up: step 0 bad for the cheap candidate, later steps fine -> one dense step is cheaper overall
+    errors = torch.tensor([[0.0, 0.0], [0.5, 0.5], [0.3, 0.3]])[None, None].repeat(
+        1, 3, 1, 1
+    )  # (L=1,S=3,C=3,H=2)
+    errors = errors.clone()
+    errors[0, 1:, 1] = 0.01
+    cost = CostModel(0.0, 0.001, 1.0)
+    r = search(errors, [0, 1, 2], 10, blocks, 0, cost, 0.05)
+    assert r.dense_steps == 1 and r.choice == [[1, 1]] and r.dense_layers == []
+    assert r.predicted_seconds == pytest.approx(1 * 1.0 + 9 * (0.001 * 20))
+    # a per-call overhead larger than dense SDPA makes the layer dense
+    r = search(errors, [0, 1, 2], 10, blocks, 0, CostModel(2.0, 0.001, 1.0), 0.05)
+    assert r.dense_layers == [0] and r.choice == [[0, 0]]
+    with pytest.raises(ValueError, match="budget"):
+        search(errors, [0, 1, 2], 10, blocks, 0, cost, -0.1)
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+SIZE = dict(height=64, width=64, frames=9, steps=3)  # latent 3×8×8 = 192 tokens
+
+
+def _cfg(**kw):
+    base = dict(prompts=["a red fox in the snow"], holdout=None, sample_steps=[0, 1, 2], budget=0.3, **SIZE)
+    base.update(kw)
+    return ProfileConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from dit_sparse.pipelines.tiny import load_tiny_pipeline
+
+    return load_tiny_pipeline()
+
+
+def _strip_volatile(d):
+    d = json.loads(json.dumps(d))
+    d["calibration"].pop("date")
+    return d
+
+
+def test_tiny_profile_is_deterministic_and_meets_its_budget(tiny_pipe, tmp_path):
+    enc = default_encoder("tiny", tiny_pipe)
+    a = profile_pipeline(
+        tiny_pipe,
+        _cfg(),
+        tmp_path / "a.json",
+        model_id="tiny",
+        encode=enc,
+        cost=CHEAP_SPARSE,
+        command="x",
+        progress=False,
+    )
+    b = profile_pipeline(
+        tiny_pipe,
+        _cfg(),
+        tmp_path / "b.json",
+        model_id="tiny",
+        encode=enc,
+        cost=CHEAP_SPARSE,
+        command="x",
+        progress=False,
+    )
+    assert _strip_volatile(a.to_dict()) == _strip_volatile(b.to_dict())
+    assert not (tmp_path / "a.json.ckpt.json").exists()  # removed on success
+    prof = Profile.load(tmp_path / "a.json")
+    sparse_heads = [
+        (li, h) for li, heads in enumerate(prof.layers) for h, s in enumerate(heads) if s.pattern != "dense"
+    ]
+    assert sparse_heads, "an untrained model at budget 0.3 still has heads that fit a sparse pattern"
+
+    # re-measure every head's error on a fresh dense run, independently (fp64 reference with the profile's masks)
+    captured = {}
+    handle = apply(tiny_pipe, Profile.dense(tiny_pipe.transformer))
+    binding = handle.bindings[0]
+
+    def grab(layer, step, q, k, v, layout):
+        if step >= prof.schedule.dense_steps:
+            t = lambda x: (x.transpose(1, 2) if layout == "bshd" else x).double()  # noqa: E731
+            captured.setdefault((layer, step), []).append((t(q), t(k), t(v), binding.state.inputs.grid))
+
+    binding.capture = grab
+    try:
+        tiny_pipe(**enc("a red fox in the snow"), **_kwargs())
+    finally:
+        handle.remove()
+    for (layer, step), calls in captured.items():
+        if layer in prof.schedule.dense_layers:
+            continue
+        specs = prof.layers[layer]
+        num = torch.zeros(len(specs), dtype=torch.float64)
+        den = torch.zeros_like(num)
+        for q, k, v, grid in calls:
+            mask = build_layer_mask(
+                [(s.pattern, s.params) for s in specs], MaskLayout(grid, block_size=prof.block_size), "cpu"
+            )
+            o = reference_attention(q, k, v, mask, prof.block_size)
+            d = reference_attention(q, k, v, None, prof.block_size)
+            num += ((o - d) ** 2).sum(dim=(0, 2, 3))
+            den += (d**2).sum(dim=(0, 2, 3))
+        err = (num / den).sqrt()
+        for h, s in enumerate(specs):
+            assert float(err[h]) <= s.rel_error + 1e-4 and float(err[h]) <= 0.3 + 1e-4, (layer, step, h, s)
+
+    # applies: the sparse run computes less than dense
+    handle = apply(tiny_pipe, prof)
+    try:
+        tiny_pipe(**enc("a red fox in the snow"), **_kwargs())
+        assert handle.report().mean_density() < 1.0
+    finally:
+        handle.remove()
+
+
+def _kwargs():
+    return dict(
+        height=64,
+        width=64,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )
+
+
+def test_resume_continues_from_checkpoint(tiny_pipe, tmp_path):
+    enc = default_encoder("tiny", tiny_pipe)
+    cfg = lambda: _cfg(prompts=["a red fox", "a blue boat"])  # noqa: E731
+    calls: list[str] = []
+
+    def failing(prompt):
+        calls.append(prompt)
+        if prompt == "a blue boat":
+            raise RuntimeError("simulated crash")
+        return enc(prompt)
+
+    out = tmp_path / "p.json"
+    with pytest.raises(RuntimeError, match="simulated"):
+        profile_pipeline(
+            tiny_pipe, cfg(), out, model_id="tiny", encode=failing, cost=CHEAP_SPARSE, progress=False
+        )
+    ckpt = tmp_path / "p.json.ckpt.json"
+    assert ckpt.is_file() and not out.exists()
+    assert list(json.loads(ckpt.read_text())["samples"]) == ["0"]
+    ckpt_text = ckpt.read_text()
+    calls.clear()
+
+    def counting(prompt):
+        calls.append(prompt)
+        return enc(prompt)
+
+    resumed = profile_pipeline(
+        tiny_pipe,
+        cfg(),
+        out,
+        model_id="tiny",
+        encode=counting,
+        resume=True,
+        cost=CHEAP_SPARSE,
+        command="x",
+        progress=False,
+    )
+    assert calls == ["a blue boat"]  # the first sample came from the checkpoint
+    fresh = profile_pipeline(
+        tiny_pipe,
+        cfg(),
+        tmp_path / "q.json",
+        model_id="tiny",
+        encode=enc,
+        cost=CHEAP_SPARSE,
+        command="x",
+        progress=False,
+    )
+    assert _strip_volatile(resumed.to_dict()) == _strip_volatile(fresh.to_dict())
+    # a checkpoint made with other settings is refused
+    (tmp_path / "r.json.ckpt.json").write_text(ckpt_text)
+    with pytest.raises(ProfilerError, match="other calibration settings"):
+        profile_pipeline(
+            tiny_pipe,
+            _cfg(steps=4, sample_steps=[0]),
+            tmp_path / "r.json",
+            model_id="tiny",
+            encode=enc,
+            resume=True,
+            cost=CHEAP_SPARSE,
+            progress=False,
+        )
+
+
+def test_unsupported_model_names_families(tmp_path):
+    from dit_sparse.pipelines import UnsupportedModelError
+
+    class Fake:
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(UnsupportedModelError, match="WanTransformer3DModel"):
+        profile_pipeline(
+            Fake(), _cfg(), tmp_path / "x.json", model_id="fake", encode=lambda p: {}, progress=False
+        )
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _cli(*argv):
+    from dit_sparse.cli import main
+
+    return main(list(argv))
+
+
+@pytest.fixture(scope="module")
+def cli_profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny.json"
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("# calibration\na red fox in the snow\n\na blue boat on a lake\n")
+    rc = _cli(
+        "profile",
+        "tiny",
+        "-o",
+        str(out),
+        "--prompts",
+        str(prompts),
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--frames",
+        "9",
+        "--steps",
+        "3",
+        "--budget",
+        "0.2",
+        "--quiet",
+    )
+    assert rc == 0
+    return out
+
+
+def test_cli_profile_writes_verified_profile(cli_profile, capsys):
+    prof = Profile.load(cli_profile)
+    cal, s = prof.calibration, prof.summary
+    assert cal["prompts"] == ["a red fox in the snow"] and cal["holdout_prompt"] == "a blue boat on a lake"
+    assert cal["latent_grid"] == [3, 8, 8] and cal["steps"] == 3 and cal["frames"] == 9
+    assert "dit-sparse profile tiny" in cal["command"] and "--budget 0.2" in cal["command"]
+    for key in (
+        "predicted_mean_density",
+        "measured_mean_density",
+        "measured_speedup",
+        "psnr_mean",
+        "ssim_mean",
+    ):
+        assert key in s
+    assert s["max_head_rel_error"] <= 0.2
+
+
+def test_cli_refuses_overwrite_and_bad_input(cli_profile, tmp_path, capsys):
+    before = cli_profile.read_bytes()
+    # checked before the model loads: a missing model would fail later with another message
+    assert _cli("profile", "no/such-model", "-o", str(cli_profile)) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert cli_profile.read_bytes() == before
+    out = tmp_path / "p.json"
+    assert _cli("profile", "tiny", "-o", str(out), "--budget", "-0.1") == 2
+    assert "--budget" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    assert _cli("profile", "tiny", "-o", str(out), "--prompts", str(empty)) == 2
+    assert "no prompts" in capsys.readouterr().err
+    (tmp_path / "p.json.ckpt.json").write_text("{}")
+    assert _cli("profile", "tiny", "-o", str(out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="offline"):
+        _cli("profile", str(tmp_path / "no-such-model"), "-o", str(tmp_path / "q.json"))
+    with pytest.raises(ProfilerError, match="UTF-8"):
+        bad = tmp_path / "bad.txt"
+        bad.write_bytes(b"\xff\xfe\x00bad")
+        read_prompts(bad)
+
+
+def test_cli_inspect_prints_and_writes_pngs(cli_profile, tmp_path, capsys):
+    from PIL import Image
+
+    assert _cli("inspect", str(cli_profile), "--png-dir", str(tmp_path / "png")) == 0
+    text = capsys.readouterr().out
+    assert "pattern mix" in text and "layer" in text
+    prof = Profile.load(cli_profile)
+    dens = Image.open(tmp_path / "png" / "density.png")
+    assert dens.size == (prof.fingerprint.num_heads * 16, prof.fingerprint.num_layers * 16)
+    masks = sorted(p.name for p in (tmp_path / "png").glob("mask_*.png"))
+    distinct = {s.pattern for heads in prof.layers for s in heads}
+    assert len(masks) >= len(distinct)
+    # the shipped hand-written profile has no calibration grid: table and heatmaps still work
+    shipped = Path(__file__).parents[1] / "profiles" / "tiny-wan.json"
+    assert _cli("inspect", str(shipped), "--png-dir", str(tmp_path / "png2")) == 0
+    assert (tmp_path / "png2" / "patterns.png").is_file()
