@@ -133,12 +133,18 @@ def test_apply_twice_is_a_clear_error(pipe):
 
 
 def test_attention_backend_is_copied(pipe):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend also switches diffusers' process-wide active backend, and reset_attention_backend does
+    # not switch it back: restore it, or later tests (and forked workers) inherit "_native_math"
+    previous = _AttentionBackendRegistry._active_backend
     pipe.transformer.set_attention_backend("_native_math")
     try:
         with dit_sparse.apply(pipe, Profile.dense(pipe.transformer)):
             assert pipe.transformer.blocks[0].attn1.processor._attention_backend == "_native_math"
     finally:
         pipe.transformer.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(previous)
 
 
 def test_profile_for_another_model_is_rejected(pipe):
