@@ -257,6 +257,7 @@ class TransformerBinding:
             scale: float | None = None,
             text_valid: torch.Tensor | None = None,
             dense_reason: str | None = None,
+            num_text: int | None = None,
         ) -> torch.Tensor:
             start = time.perf_counter() if self.timing else 0.0
             if self.capture is not None:  # the profiler's observer: sees the real q/k/v of every call
@@ -267,7 +268,7 @@ class TransformerBinding:
                 self.runs[-1].dense[(layer, self.state.step)] = dense_reason
                 out = dense_fn()
             else:
-                out = self._core(layer, proc, q, k, v, dense_fn, layout, scale, text_valid)
+                out = self._core(layer, proc, q, k, v, dense_fn, layout, scale, text_valid, num_text)
             if self.timing:
                 if out.device.type == "cuda":
                     torch.cuda.synchronize(out.device)
@@ -289,6 +290,7 @@ class TransformerBinding:
         layout: str,
         scale: float | None,
         text_valid: torch.Tensor | None,
+        num_text: int | None = None,
     ) -> torch.Tensor:
         st = self.state
         if st.inputs is None:
@@ -319,12 +321,13 @@ class TransformerBinding:
             (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (q, k, v)
         )  # (B,H,S,D)
         inputs = st.inputs
-        mlayout = MaskLayout(inputs.grid, inputs.num_text, inputs.text_first, prof.block_size)
+        n_text = inputs.num_text if num_text is None else num_text  # per-call override: image-only layers
+        mlayout = MaskLayout(inputs.grid, n_text, inputs.text_first, prof.block_size)
         n = qh.shape[2]
         if n != mlayout.seq_len or kh.shape[2] != n:
             raise RuntimeError(
                 f"dit-sparse layer {layer}: self-attention has {n} query and {kh.shape[2]} key tokens, but the latent "
-                f"grid {inputs.grid} plus {inputs.num_text} text tokens gives {mlayout.seq_len}; the {self.family.name} "
+                f"grid {inputs.grid} plus {n_text} text tokens gives {mlayout.seq_len}; the {self.family.name} "
                 "adapter does not match this model's token layout (please report it)"
             )
         if qh.shape[1] != prof.fingerprint.num_heads:

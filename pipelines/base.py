@@ -42,6 +42,7 @@ class Core:
     (its backend, its mask): it runs whenever this layer is dense at this step, so dense is bit-identical to no
     plugin. A family that cannot run a call sparse (e.g. an arbitrary attention mask) passes ``dense_reason``: the
     call runs ``dense_fn()``, the reason is warned once and listed in the run report (never a silent fallback).
+    ``num_text`` overrides the forward's text count for one call (e.g. SD3.5's image-only ``attn2`` layers: 0).
     """
 
     def __call__(
@@ -55,6 +56,7 @@ class Core:
         scale: float | None = None,
         text_valid: torch.Tensor | None = None,
         dense_reason: str | None = None,
+        num_text: int | None = None,
     ) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 

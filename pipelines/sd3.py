@@ -8,11 +8,9 @@ prompt tokens are real inputs the model attends to), so ``text_valid`` is always
 (``to_add_out`` is skipped) and the block drops it; the processor below mirrors that unchanged.
 
 SD3.5-Medium's dual-attention blocks (``dual_attention_layers``, blocks 0-12) add a second, image-only
-self-attention ``transformer_blocks.*.attn2``. dit-sparse does NOT sparsify those layers (yet): the core builds one
-token layout per transformer forward (``grid`` + ``num_text``), and ``attn2``'s sequence has no text, so it cannot be
-expressed without a per-call text-count override in the core. They keep running diffusers' stock
-``JointAttnProcessor2_0`` (dense, exactly as without the plugin) and are not profile layers: a profile's layer ``i``
-is ``transformer_blocks.{i}.attn``.
+self-attention ``transformer_blocks.*.attn2`` (same processor, ``encoder_hidden_states=None``). Those are profile
+layers too, listed after all the joint layers: a profile's layer ``i < num_blocks`` is ``transformer_blocks.{i}.attn``
+and the following ones are the ``attn2`` layers in block order. They run with no text (``num_text=0`` for the call).
 
 The transformer has no ``CacheMixin``, so the pipeline never resets hooks: a rising timestep starts a new run.
 The processor mirrors diffusers' ``JointAttnProcessor2_0`` (0.42.1), which calls ``F.scaled_dot_product_attention``
@@ -36,8 +34,8 @@ class SD3Family(ModelFamily):
     name = "sd3"
     class_names = ("SD3Transformer2DModel",)
     text_position = "last"
-    # only the joint attention; SD3.5-M's image-only ``attn2`` layers stay stock (see the module docstring)
-    self_attention_paths = ("transformer_blocks.*.attn",)
+    # the joint attention of every block, then SD3.5-M's image-only ``attn2`` layers (see the module docstring)
+    self_attention_paths = ("transformer_blocks.*.attn", "transformer_blocks.*.attn2")
     description = "Stable Diffusion 3 / 3.5 text-to-image (MMDiT joint attention, text last)"
 
     @property
@@ -82,11 +80,6 @@ class SD3Family(ModelFamily):
         rotary_emb: Any,
         **extra: Any,
     ) -> Any:
-        if encoder_hidden_states is None:
-            raise RuntimeError(
-                "dit-sparse's SD3 processor only handles the joint attention (transformer_blocks.*.attn); "
-                "image-only attention (SD3.5 attn2) runs diffusers' JointAttnProcessor2_0"
-            )
         if "temb" in extra:
             # only the IP-Adapter path passes `temb` (with ip_hidden_states) to the attention modules
             raise RuntimeError(
@@ -117,51 +110,57 @@ class SD3Family(ModelFamily):
             key = attn.norm_k(key)
 
         # `context` projections.
-        encoder_hidden_states_query_proj = attn.add_q_proj(encoder_hidden_states)
-        encoder_hidden_states_key_proj = attn.add_k_proj(encoder_hidden_states)
-        encoder_hidden_states_value_proj = attn.add_v_proj(encoder_hidden_states)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states_query_proj = attn.add_q_proj(encoder_hidden_states)
+            encoder_hidden_states_key_proj = attn.add_k_proj(encoder_hidden_states)
+            encoder_hidden_states_value_proj = attn.add_v_proj(encoder_hidden_states)
 
-        encoder_hidden_states_query_proj = encoder_hidden_states_query_proj.view(
-            batch_size, -1, attn.heads, head_dim
-        ).transpose(1, 2)
-        encoder_hidden_states_key_proj = encoder_hidden_states_key_proj.view(
-            batch_size, -1, attn.heads, head_dim
-        ).transpose(1, 2)
-        encoder_hidden_states_value_proj = encoder_hidden_states_value_proj.view(
-            batch_size, -1, attn.heads, head_dim
-        ).transpose(1, 2)
+            encoder_hidden_states_query_proj = encoder_hidden_states_query_proj.view(
+                batch_size, -1, attn.heads, head_dim
+            ).transpose(1, 2)
+            encoder_hidden_states_key_proj = encoder_hidden_states_key_proj.view(
+                batch_size, -1, attn.heads, head_dim
+            ).transpose(1, 2)
+            encoder_hidden_states_value_proj = encoder_hidden_states_value_proj.view(
+                batch_size, -1, attn.heads, head_dim
+            ).transpose(1, 2)
 
-        if attn.norm_added_q is not None:
-            encoder_hidden_states_query_proj = attn.norm_added_q(encoder_hidden_states_query_proj)
-        if attn.norm_added_k is not None:
-            encoder_hidden_states_key_proj = attn.norm_added_k(encoder_hidden_states_key_proj)
+            if attn.norm_added_q is not None:
+                encoder_hidden_states_query_proj = attn.norm_added_q(encoder_hidden_states_query_proj)
+            if attn.norm_added_k is not None:
+                encoder_hidden_states_key_proj = attn.norm_added_k(encoder_hidden_states_key_proj)
 
-        # joint sequence: [image, text] (text LAST)
-        query = torch.cat([query, encoder_hidden_states_query_proj], dim=2)
-        key = torch.cat([key, encoder_hidden_states_key_proj], dim=2)
-        value = torch.cat([value, encoder_hidden_states_value_proj], dim=2)
+            # joint sequence: [image, text] (text LAST)
+            query = torch.cat([query, encoder_hidden_states_query_proj], dim=2)
+            key = torch.cat([key, encoder_hidden_states_key_proj], dim=2)
+            value = torch.cat([value, encoder_hidden_states_value_proj], dim=2)
 
         def dense() -> torch.Tensor:
             return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
 
-        hidden_states = core(query, key, value, dense, layout="bhsd")
+        # SD3.5's image-only attn2 (no encoder_hidden_states) has no text tokens in its sequence
+        num_text = 0 if encoder_hidden_states is None else None
+        hidden_states = core(query, key, value, dense, layout="bhsd", num_text=num_text)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
-        # Split the attention outputs.
-        hidden_states, encoder_hidden_states = (
-            hidden_states[:, : residual.shape[1]],
-            hidden_states[:, residual.shape[1] :],
-        )
-        if not attn.context_pre_only:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        if encoder_hidden_states is not None:
+            # Split the attention outputs.
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : residual.shape[1]],
+                hidden_states[:, residual.shape[1] :],
+            )
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
 
         # linear proj
         hidden_states = attn.to_out[0](hidden_states)
         # dropout
         hidden_states = attn.to_out[1](hidden_states)
 
-        return hidden_states, encoder_hidden_states
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
 
 
 FAMILY = SD3Family()

@@ -106,17 +106,34 @@ def test_layers_and_fingerprint(pipe):
     family = family_for(t)
     assert family.name == "sd3" and family.text_position == "last"
     paths = [p for p, _ in family.self_attention_modules(t)]
-    # the joint attention of every block; SD3.5-M's image-only attn2 is not a profile layer (stays stock)
-    assert paths == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
-    assert Profile.dense(t).fingerprint.num_layers == len(t.transformer_blocks) == 2
+    # the joint attention of every block, then SD3.5-M's image-only attn2 layers
+    assert paths == ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "transformer_blocks.0.attn2"]
+    assert Profile.dense(t).fingerprint.num_layers == 3
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     attn2_proc = t.transformer_blocks[0].attn2.processor
-    handle = dit_sparse.apply(pipe, Profile.uniform(t, *WINDOW, block_size=16))
-    assert t.transformer_blocks[0].attn2.processor is attn2_proc
     assert isinstance(attn2_proc, JointAttnProcessor2_0)
+    with dit_sparse.apply(pipe, Profile.uniform(t, *WINDOW, block_size=16)):
+        assert isinstance(t.transformer_blocks[0].attn2.processor, dit_sparse.SparseProcessor)
+    assert t.transformer_blocks[0].attn2.processor is attn2_proc  # restored exactly
     assert isinstance(family.dense_processor(t.transformer_blocks[0].attn2), JointAttnProcessor2_0)
-    handle.remove()
+
+
+def test_image_only_attn2_runs_sparse_without_text(pipe):
+    """Only layer 2 (block 0's image-only attn2) sparse: it runs with num_text=0 and changes the output; the
+    joint layers stay dense."""
+    t = pipe.transformer
+    res = RESOLUTIONS[0]
+    ref = run(pipe, **res)
+    prof = Profile.dense(t)
+    prof.block_size = 16
+    prof.layers[2] = Profile.uniform(t, *WINDOW, block_size=16).layers[2]
+    with dit_sparse.apply(pipe, prof) as handle:
+        out = run(pipe, **res)
+        rep = handle.report()
+    assert {layer for layer, _ in rep.density} == {2}
+    assert all(reason == "all heads dense" for reason in rep.dense.values())
+    assert 0 < rep.sparse_density() < 1 and not torch.equal(out, ref)
 
 
 def test_read_inputs_text_last_no_padding(pipe):
@@ -149,7 +166,7 @@ def test_new_run_detected_without_cache_reset(pipe):
         run(pipe, steps=2, **res)
         rep = handle.report()
         assert (rep.steps, rep.forwards) == (2, 2)  # CFG batched: one forward per step
-        assert sorted(k[1] for k in rep.density) == [0, 0, 1, 1]
+        assert sorted(k[1] for k in rep.density) == [0, 0, 0, 1, 1, 1]  # 3 layers × 2 steps
         run(pipe, steps=3, **res)
         rep = handle.report()
         assert (rep.steps, rep.forwards) == (3, 3)
