@@ -133,7 +133,7 @@ def test_choose_heads_and_search_rules():
 
 
 # ------------------------------------------------------------------------------------------------ tiny model
-SIZE = dict(height=64, width=64, frames=9, steps=3)  # latent 3×8×8 = 192 tokens
+SIZE = dict(height=48, width=48, frames=9, steps=3, guidance=1.0)  # latent 3×6×6 = 108 tokens, no CFG
 
 
 def _cfg(**kw):
@@ -229,11 +229,11 @@ def test_tiny_profile_is_deterministic_and_meets_its_budget(tiny_pipe, tmp_path)
 
 def _kwargs():
     return dict(
-        height=64,
-        width=64,
-        num_frames=9,
-        num_inference_steps=3,
-        guidance_scale=5.0,
+        height=SIZE["height"],
+        width=SIZE["width"],
+        num_frames=SIZE["frames"],
+        num_inference_steps=SIZE["steps"],
+        guidance_scale=SIZE["guidance"],
         generator=torch.Generator().manual_seed(0),
         output_type="latent",
     )
@@ -335,13 +335,15 @@ def cli_profile(tmp_path_factory):
         "--prompts",
         str(prompts),
         "--height",
-        "64",
+        "48",
         "--width",
-        "64",
+        "48",
         "--frames",
         "9",
         "--steps",
-        "3",
+        "2",
+        "--guidance",
+        "1",
         "--budget",
         "0.2",
         "--quiet",
@@ -354,7 +356,7 @@ def test_cli_profile_writes_verified_profile(cli_profile, capsys):
     prof = Profile.load(cli_profile)
     cal, s = prof.calibration, prof.summary
     assert cal["prompts"] == ["a red fox in the snow"] and cal["holdout_prompt"] == "a blue boat on a lake"
-    assert cal["latent_grid"] == [3, 8, 8] and cal["steps"] == 3 and cal["frames"] == 9
+    assert cal["latent_grid"] == [3, 6, 6] and cal["steps"] == 2 and cal["frames"] == 9
     assert "dit-sparse profile tiny" in cal["command"] and "--budget 0.2" in cal["command"]
     for key in (
         "predicted_mean_density",
