@@ -192,8 +192,8 @@ class Collector:
             st["dtype"] = str(q.dtype).replace("torch.", "")
             st["device"] = _device_name(q.device)
         if "cost" not in st:
-            shape = (int(q.shape[0]), int(q.shape[1]), int(q.shape[2]), int(q.shape[3]))
-            cm = calibrate_cost_model(shape, q.dtype, q.device, st["block_size"], self.cfg.impl)
+            qshape = (int(q.shape[0]), int(q.shape[1]), int(q.shape[2]), int(q.shape[3]))
+            cm = calibrate_cost_model(qshape, q.dtype, q.device, st["block_size"], self.cfg.impl)
             st["cost"] = cm.to_dict()
 
     def errors(self) -> dict[str, list[list[float]]]:
