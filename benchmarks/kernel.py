@@ -761,15 +761,22 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
-def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``kernel-<device>-<date>.json`` and its ``.md``; never overwrite: add ``-2``, ``-3``, ... instead.
+def write_results(
+    result: dict,
+    out_dir: Path,
+    *,
+    prefix: str = "kernel",
+    render: Callable[[dict], str] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<prefix>-<device>-<date>.json`` and its ``.md`` (``render(result)``, default this benchmark's
+    tables); never overwrite: add ``-2``, ``-3``, ... instead.
 
     The JSON name is reserved with an exclusive create, then both files are written to a temp file and moved into
     place with ``os.replace`` (atomic).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if result["device"] == "cpu" else device_slug(result["gpu"] or "cuda")
-    stem = f"kernel-{slug}-{result['started_at'][:10]}"
+    stem = f"{prefix}-{slug}-{result['started_at'][:10]}"
     for i in range(1, 10_000):
         name = stem if i == 1 else f"{stem}-{i}"
         json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
@@ -783,7 +790,10 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
         break
     else:  # pragma: no cover
         raise RuntimeError(f"no free result name for {stem} in {out_dir}")
-    for path, text in ((json_path, json.dumps(result, indent=1) + "\n"), (md_path, render_markdown(result))):
+    for path, text in (
+        (json_path, json.dumps(result, indent=1) + "\n"),
+        (md_path, (render or render_markdown)(result)),
+    ):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out_dir)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -1,0 +1,149 @@
+"""Options of ``dit-sparse bench patterns`` and the layouts it knows.
+
+Kept apart from :mod:`dit_sparse.benchmarks.patterns` so ``dit-sparse --help`` imports no Triton and starts no CUDA;
+``--patterns`` is checked against the pattern registry (which imports torch) only when it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from .kernel_args import BLOCK_SIZES
+
+
+@dataclass(frozen=True)
+class LayoutShape:
+    """One self-attention layer of a model at B=1: latent grid, text span, heads (DESIGN §7, §8)."""
+
+    name: str  # what --shapes takes
+    label: str  # what the table prints
+    grid: tuple[int, int, int]  # (F', H', W') latent tokens after patching
+    num_text: int  # text tokens inside self-attention (joint attention)
+    text_first: bool
+    heads: int
+    head_dim: int
+    tiny: bool = False  # a CPU smoke-test layout, not a real model
+
+    @property
+    def seq_len(self) -> int:
+        f, h, w = self.grid
+        return f * h * w + self.num_text
+
+
+GPU_LAYOUTS: tuple[LayoutShape, ...] = (
+    LayoutShape("wan2.1-1.3b-480p", "Wan2.1-1.3B 480p 81f", (21, 30, 52), 0, False, 12, 128),
+    LayoutShape(
+        "hunyuanvideo-720p", "HunyuanVideo 720p 129f (+256 text last)", (33, 45, 80), 256, False, 24, 128
+    ),
+)
+
+# Grids that are not multiples of the block (partial last block); one with text last, like HunyuanVideo.
+TINY_LAYOUTS: tuple[LayoutShape, ...] = (
+    LayoutShape("tiny-wan", "tiny 5×8×12 2×64", (5, 8, 12), 0, False, 2, 64, tiny=True),
+    LayoutShape("tiny-hunyuan", "tiny 5×8×12 +16 text last 2×64", (5, 8, 12), 16, False, 2, 64, tiny=True),
+)
+
+LAYOUTS: dict[str, LayoutShape] = {s.name: s for s in (*GPU_LAYOUTS, *TINY_LAYOUTS)}
+
+
+def unknown_layout_message(name: str) -> str:
+    return f"unknown shape {name!r}; known shapes: {', '.join(LAYOUTS)}"
+
+
+def parse_layout_names(text: str) -> list[str]:
+    """``--shapes`` item: one name or a comma-separated list of names."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("empty shape name")
+    for name in names:
+        if name not in LAYOUTS:
+            raise argparse.ArgumentTypeError(unknown_layout_message(name))
+    return names
+
+
+def parse_pattern(text: str) -> tuple[str, dict[str, Any]]:
+    """``--patterns`` item: a registered name (its default parameters) or ``name(key=value,...)``."""
+    from dit_sparse.patterns import parse_pattern_name
+
+    try:
+        return parse_pattern_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def add_patterns_bench_args(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``dit-sparse bench patterns`` to ``parser``."""
+    gpu_names = ", ".join(s.name for s in GPU_LAYOUTS)
+    tiny_names = ", ".join(s.name for s in TINY_LAYOUTS)
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        type=parse_layout_names,
+        default=None,
+        metavar="NAME",
+        help=f"layouts to run (space- or comma-separated). GPU: {gpu_names}. Tiny CPU: {tiny_names}. "
+        "Default: all GPU layouts, or all tiny layouts with --tiny / without CUDA",
+    )
+    parser.add_argument(
+        "--patterns",
+        nargs="+",
+        type=parse_pattern,
+        default=None,
+        metavar="PATTERN",
+        help="patterns to time, each a registered name (its default parameters) or name(key=value,...), e.g. "
+        "'window(f=2,h=8,w=8)'. Default: every registered pattern at its defaults",
+    )
+    parser.add_argument(
+        "--block-size", type=int, choices=BLOCK_SIZES, default=128, help="tokens per mask block"
+    )
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="q/k/v dtype")
+    parser.add_argument(
+        "--reps",
+        type=_positive_int,
+        default=20,
+        help="at least this many timed runs per measurement (median)",
+    )
+    parser.add_argument(
+        "--warmup", type=_non_negative_int, default=5, help="at least this many untimed runs before timing"
+    )
+    parser.add_argument(
+        "--target-pct",
+        type=float,
+        default=5.0,
+        help="overhead target: each overhead (mask build, permutation, draft) as %% of dense attention time",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="folder for the JSON and Markdown results (default: benchmarks/results of the source checkout)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny layouts on the CPU paths: proves the benchmark runs, its timings are not kernel performance. "
+        "The default when no CUDA device is present",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto: CUDA when present (CPU with --tiny)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random q/k/v")
