@@ -24,7 +24,11 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
         "model", help="'tiny' (the bundled model), a local diffusers folder, or a model id in the local cache"
     )
     p.add_argument("-o", "--out", required=True, help="profile JSON to write")
-    p.add_argument("--force", action="store_true", help="overwrite --out (and discard a stale checkpoint)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite --out; without --resume also discard a stale checkpoint",
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue from <out>.ckpt.json of an interrupted run"
     )
@@ -119,7 +123,9 @@ def run_profile(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     seeds = _ints(args.seeds, "--seeds")
     sample_steps = _ints(args.sample_steps, "--sample-steps") if args.sample_steps else None
-    if args.force:
+    if (
+        args.force and not args.resume
+    ):  # --force alone starts over; with --resume it only allows replacing --out
         ckpt.unlink(missing_ok=True)
 
     from ..generate import load_pipeline
