@@ -47,7 +47,9 @@ def test_axis_permutation_exact_inverse() -> None:
 
 
 @pytest.mark.parametrize("impl", ["gather", "triton"])
-@pytest.mark.parametrize(("grid", "text"), [((3, 5, 7), (0, False)), ((2, 6, 5), (9, True)), ((4, 5, 3), (4, False))])
+@pytest.mark.parametrize(
+    ("grid", "text"), [((3, 5, 7), (0, False)), ((2, 6, 5), (9, True)), ((4, 5, 3), (4, False))]
+)
 def test_reorder_window_attention_equals_token_definition(impl, grid, text) -> None:
     """Kernel with the layer's perm + permuted mask == fp64 attention with the token-level definition:
     original tokens i, j meet iff either is text or their permuted positions are <= `blocks` blocks apart."""
@@ -103,7 +105,9 @@ def test_wan_layer_passes_per_head_perm_to_kernel(monkeypatch) -> None:
     pipe = tiny_wan_pipeline()
     prof = Profile.dense(pipe.transformer)
     prof.block_size = 16
-    prof.layers = [[HeadSpec("reorder_window", {"order": "HWF", "blocks": 1}), HeadSpec("full")] for _ in range(2)]
+    prof.layers = [
+        [HeadSpec("reorder_window", {"order": "HWF", "blocks": 1}), HeadSpec("full")] for _ in range(2)
+    ]
     prof.validate()
     real = kernels.sparse_attention
     seen = []
