@@ -118,23 +118,19 @@ def default_out_dir() -> Path:
     return Path.cwd() / "benchmarks" / "results"
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
-    """Check the parsed options (also when ``args`` was built by hand) and pick the device and shapes."""
-    names = [str(n) for n in _flatten(getattr(args, "shapes", None))]
-    for name in names:
-        if name not in SHAPES:
-            raise ValueError(unknown_shape_message(name))
-    densities = [float(d) for d in _flatten(getattr(args, "densities", None))] or list(DEFAULT_DENSITIES)
-    for d in densities:
-        if not (0.0 < d <= 1.0) or math.isnan(d):
-            raise ValueError(density_out_of_range_message(d))
+def resolve_block_size_and_dtype(args: argparse.Namespace) -> tuple[int, str]:
+    """``--block-size`` and ``--dtype``, checked (also when ``args`` was built by hand)."""
     block_size = int(getattr(args, "block_size", 128))
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"--block-size must be one of {BLOCK_SIZES}, got {block_size}")
     dtype_name = getattr(args, "dtype", "bf16")
     if dtype_name not in _DTYPES:
         raise ValueError(f"--dtype must be one of {tuple(_DTYPES)}, got {dtype_name!r}")
+    return block_size, dtype_name
 
+
+def resolve_device(args: argparse.Namespace) -> str:
+    """``cuda`` or ``cpu`` from ``--device`` / ``--tiny``; without CUDA the tiny CPU run is chosen, with a note."""
     tiny = bool(getattr(args, "tiny", False))
     requested = getattr(args, "device", "auto")
     has_cuda = torch.cuda.is_available()
@@ -153,17 +149,37 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             "NOTE: no CUDA device found: running the tiny CPU benchmark (--tiny). " + CPU_NOTE + ".",
             flush=True,
         )
+    return device
+
+
+def run_note(device: str, shapes: Sequence[Any], gpu_tiny_note: str) -> str | None:
+    """The caveat recorded with a run: CPU timings and tiny GPU shapes are not performance figures."""
+    if device == "cpu":
+        return CPU_NOTE
+    if any(s.tiny for s in shapes):
+        return gpu_tiny_note
+    return None
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Check the parsed options (also when ``args`` was built by hand) and pick the device and shapes."""
+    names = [str(n) for n in _flatten(getattr(args, "shapes", None))]
+    for name in names:
+        if name not in SHAPES:
+            raise ValueError(unknown_shape_message(name))
+    densities = [float(d) for d in _flatten(getattr(args, "densities", None))] or list(DEFAULT_DENSITIES)
+    for d in densities:
+        if not (0.0 < d <= 1.0) or math.isnan(d):
+            raise ValueError(density_out_of_range_message(d))
+    block_size, dtype_name = resolve_block_size_and_dtype(args)
+    tiny = bool(getattr(args, "tiny", False))
+    device = resolve_device(args)
 
     if names:
         shapes = tuple(dict.fromkeys(SHAPES[n] for n in names))
     else:
         shapes = TINY_SHAPES if (tiny or device == "cpu") else GPU_SHAPES
-    if device == "cpu":
-        note: str | None = CPU_NOTE
-    elif any(s.tiny for s in shapes):
-        note = GPU_TINY_NOTE
-    else:
-        note = None
+    note = run_note(device, shapes, GPU_TINY_NOTE)
     out = getattr(args, "out", None)
     return Settings(
         shapes=shapes,
@@ -805,13 +821,25 @@ def write_results(
     return json_path, md_path
 
 
-def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, Path]:
+def run_benchmark(
+    benchmark: str,
+    settings: Any,
+    bench_shape: Callable[[Any, Any, Callable[[str], None]], tuple[dict, list[dict]]],
+    describe_shape: Callable[[Any], str],
+    render_plain_fn: Callable[[dict], str],
+    render_markdown_fn: Callable[[dict], str],
+    prefix: str,
+    log: Callable[[str], None] = print,
+    schema_version: int = SCHEMA_VERSION,
+) -> tuple[dict, Path]:
+    """The driver both ``bench kernel`` and ``bench patterns`` use: provenance header, one shape at a time, the
+    tables, and the never-overwriting JSON + Markdown write."""
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     gpu = torch.cuda.get_device_name() if settings.device == "cuda" else None
     result: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "dit-sparse bench kernel",
+        "schema_version": schema_version,
+        "benchmark": benchmark,
         "device": settings.device,
         "gpu": gpu,
         "device_name": gpu or _cpu_name(),
@@ -826,24 +854,37 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, P
         "shapes": [],
         "rows": [],
     }
-    head = f"dit-sparse bench kernel on {result['device_name']} ({settings.device}, {settings.dtype_name})"
+    head = f"{benchmark} on {result['device_name']} ({settings.device}, {settings.dtype_name})"
     log(head + (f": {settings.note}" if settings.note else ""))
     for shape in settings.shapes:
-        log(f"{shape.label}: N={shape.seq_len}, {shape.heads}×{shape.head_dim}")
-        shape_info, rows = _bench_shape(shape, settings, log)
+        log(describe_shape(shape))
+        shape_info, rows = bench_shape(shape, settings, log)
         if settings.device == "cuda":
-            torch.cuda.empty_cache()  # the shape's tensors died with _bench_shape's frame
+            torch.cuda.empty_cache()  # the shape's tensors died with bench_shape's frame
         result["shapes"].append(shape_info)
         result["rows"].extend(rows)
     result["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result["wall_s"] = round(time.perf_counter() - t0, 2)
-    json_path, md_path = write_results(result, settings.out_dir)
+    json_path, md_path = write_results(result, settings.out_dir, prefix=prefix, render=render_markdown_fn)
     log("")
-    log(render_plain(result))
+    log(render_plain_fn(result))
     log("")
     log(f"wrote {json_path}")
     log(f"wrote {md_path}")
     return result, json_path
+
+
+def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, Path]:
+    return run_benchmark(
+        "dit-sparse bench kernel",
+        settings,
+        _bench_shape,
+        lambda shape: f"{shape.label}: N={shape.seq_len}, {shape.heads}×{shape.head_dim}",
+        render_plain,
+        render_markdown,
+        "kernel",
+        log,
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ Kept apart from :mod:`dit_sparse.benchmarks.kernel` so ``dit-sparse --help`` imp
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -45,23 +47,31 @@ BLOCK_SIZES: tuple[int, ...] = (
 )  # kernels.indices.SUPPORTED_BLOCK_SIZES, without importing torch
 
 
+def unknown_name_message(name: str, known: Iterable[str]) -> str:
+    return f"unknown shape {name!r}; known shapes: {', '.join(known)}"
+
+
 def unknown_shape_message(name: str) -> str:
-    return f"unknown shape {name!r}; known shapes: {', '.join(SHAPES)}"
+    return unknown_name_message(name, SHAPES)
 
 
 def density_out_of_range_message(value: float) -> str:
     return f"density {value} is outside (0, 1]: give the fraction of kv blocks kept per query-block row, e.g. 0.25"
 
 
-def parse_shape_names(text: str) -> list[str]:
-    """``--shapes`` item: one name or a comma-separated list of names."""
+def parse_names(text: str, known: Mapping[str, Any]) -> list[str]:
+    """A ``--shapes`` item: one name or a comma-separated list of names, each one of ``known``."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise argparse.ArgumentTypeError("empty shape name")
     for name in names:
-        if name not in SHAPES:
-            raise argparse.ArgumentTypeError(unknown_shape_message(name))
+        if name not in known:
+            raise argparse.ArgumentTypeError(unknown_name_message(name, known))
     return names
+
+
+def parse_shape_names(text: str) -> list[str]:
+    return parse_names(text, SHAPES)
 
 
 def parse_densities(text: str) -> list[float]:
@@ -82,7 +92,7 @@ def parse_densities(text: str) -> list[float]:
     return values
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -92,7 +102,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -139,12 +149,12 @@ def add_kernel_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="q/k/v dtype")
     parser.add_argument(
         "--reps",
-        type=_positive_int,
+        type=positive_int,
         default=20,
         help="at least this many timed runs per measurement (median)",
     )
     parser.add_argument(
-        "--warmup", type=_non_negative_int, default=5, help="at least this many untimed runs before timing"
+        "--warmup", type=non_negative_int, default=5, help="at least this many untimed runs before timing"
     )
     parser.add_argument(
         "--out",

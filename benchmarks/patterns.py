@@ -20,11 +20,8 @@ timings are ``time.perf_counter`` medians on tiny layouts and only prove the ben
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
-import shlex
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +31,7 @@ import torch
 
 from .kernel import (
     _DTYPES,
-    CPU_NOTE,
     DENSE_COLUMNS,
-    _cpu_name,
     _dense_backends,
     _flatten,
     _fmt,
@@ -49,11 +44,12 @@ from .kernel import (
     default_out_dir,
     format_markdown,
     format_plain,
-    versions,
-    write_results,
+    resolve_block_size_and_dtype,
+    resolve_device,
+    run_benchmark,
+    run_note,
 )
 from .patterns_args import (
-    BLOCK_SIZES,
     GPU_LAYOUTS,
     LAYOUTS,
     TINY_LAYOUTS,
@@ -139,45 +135,19 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         if name not in LAYOUTS:
             raise ValueError(unknown_layout_message(name))
     patterns = _resolve_patterns(getattr(args, "patterns", None))
-    block_size = int(getattr(args, "block_size", 128))
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"--block-size must be one of {BLOCK_SIZES}, got {block_size}")
-    dtype_name = getattr(args, "dtype", "bf16")
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"--dtype must be one of {tuple(_DTYPES)}, got {dtype_name!r}")
+    block_size, dtype_name = resolve_block_size_and_dtype(args)
     target = float(getattr(args, "target_pct", 5.0))
     if not target > 0:
         raise ValueError(f"--target-pct must be a percentage > 0, got {target}")
 
     tiny = bool(getattr(args, "tiny", False))
-    requested = getattr(args, "device", "auto")
-    has_cuda = torch.cuda.is_available()
-    if requested == "cuda" and not has_cuda:
-        raise ValueError(
-            "--device cuda was given but torch sees no CUDA device; use --tiny to run on the CPU"
-        )
-    if requested == "auto":
-        device = "cuda" if has_cuda and not tiny else "cpu"
-    elif requested in ("cuda", "cpu"):
-        device = requested
-    else:
-        raise ValueError(f"--device must be auto, cuda or cpu, got {requested!r}")
-    if device == "cpu" and not tiny and not has_cuda:
-        print(
-            "NOTE: no CUDA device found: running the tiny CPU benchmark (--tiny). " + CPU_NOTE + ".",
-            flush=True,
-        )
+    device = resolve_device(args)
 
     if names:
         shapes = tuple(dict.fromkeys(LAYOUTS[n] for n in names))
     else:
         shapes = TINY_LAYOUTS if (tiny or device == "cpu") else GPU_LAYOUTS
-    if device == "cpu":
-        note: str | None = CPU_NOTE
-    elif any(s.tiny for s in shapes):
-        note = GPU_TINY_NOTE
-    else:
-        note = None
+    note = run_note(device, shapes, GPU_TINY_NOTE)
     out = getattr(args, "out", None)
     return Settings(
         shapes=shapes,
@@ -508,48 +478,23 @@ def render_plain(result: dict) -> str:
 # --------------------------------------------------------------------------------------------------- run
 
 
+def _describe(shape: LayoutShape) -> str:
+    f, h, w = shape.grid
+    return f"{shape.label}: grid {f}×{h}×{w} + {shape.num_text} text, N={shape.seq_len}, {shape.heads}×{shape.head_dim}"
+
+
 def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, Path]:
-    started = dt.datetime.now(dt.timezone.utc)
-    t0 = time.perf_counter()
-    gpu = torch.cuda.get_device_name() if settings.device == "cuda" else None
-    result: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "dit-sparse bench patterns",
-        "device": settings.device,
-        "gpu": gpu,
-        "device_name": gpu or _cpu_name(),
-        "note": settings.note,
-        "versions": versions(),
-        "command": shlex.join(sys.argv),
-        "argv": list(sys.argv),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": None,
-        "wall_s": None,
-        "settings": settings.to_json(),
-        "shapes": [],
-        "rows": [],
-    }
-    head = f"dit-sparse bench patterns on {result['device_name']} ({settings.device}, {settings.dtype_name})"
-    log(head + (f": {settings.note}" if settings.note else ""))
-    for shape in settings.shapes:
-        f, h, w = shape.grid
-        log(
-            f"{shape.label}: grid {f}×{h}×{w} + {shape.num_text} text, N={shape.seq_len}, {shape.heads}×{shape.head_dim}"
-        )
-        info, rows = _bench_shape(shape, settings, log)
-        if settings.device == "cuda":
-            torch.cuda.empty_cache()
-        result["shapes"].append(info)
-        result["rows"].extend(rows)
-    result["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    result["wall_s"] = round(time.perf_counter() - t0, 2)
-    json_path, md_path = write_results(result, settings.out_dir, prefix="patterns", render=render_markdown)
-    log("")
-    log(render_plain(result))
-    log("")
-    log(f"wrote {json_path}")
-    log(f"wrote {md_path}")
-    return result, json_path
+    return run_benchmark(
+        "dit-sparse bench patterns",
+        settings,
+        _bench_shape,
+        _describe,
+        render_plain,
+        render_markdown,
+        "patterns",
+        log,
+        schema_version=SCHEMA_VERSION,
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from .kernel_args import BLOCK_SIZES
+from .kernel_args import BLOCK_SIZES, non_negative_int, parse_names, positive_int, unknown_name_message
 
 
 @dataclass(frozen=True)
@@ -49,18 +49,11 @@ LAYOUTS: dict[str, LayoutShape] = {s.name: s for s in (*GPU_LAYOUTS, *TINY_LAYOU
 
 
 def unknown_layout_message(name: str) -> str:
-    return f"unknown shape {name!r}; known shapes: {', '.join(LAYOUTS)}"
+    return unknown_name_message(name, LAYOUTS)
 
 
 def parse_layout_names(text: str) -> list[str]:
-    """``--shapes`` item: one name or a comma-separated list of names."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("empty shape name")
-    for name in names:
-        if name not in LAYOUTS:
-            raise argparse.ArgumentTypeError(unknown_layout_message(name))
-    return names
+    return parse_names(text, LAYOUTS)
 
 
 def parse_pattern(text: str) -> tuple[str, dict[str, Any]]:
@@ -71,20 +64,6 @@ def parse_pattern(text: str) -> tuple[str, dict[str, Any]]:
         return parse_pattern_name(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
 
 
 def add_patterns_bench_args(parser: argparse.ArgumentParser) -> None:
@@ -115,12 +94,12 @@ def add_patterns_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="q/k/v dtype")
     parser.add_argument(
         "--reps",
-        type=_positive_int,
+        type=positive_int,
         default=20,
         help="at least this many timed runs per measurement (median)",
     )
     parser.add_argument(
-        "--warmup", type=_non_negative_int, default=5, help="at least this many untimed runs before timing"
+        "--warmup", type=non_negative_int, default=5, help="at least this many untimed runs before timing"
     )
     parser.add_argument(
         "--target-pct",
