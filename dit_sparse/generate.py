@@ -76,11 +76,30 @@ def resolve_profile(spec: str | None, pipe: Any, model_name: str) -> Profile:
                 "`dit-sparse profile`), or use --mode dense"
             )
         text = resources.files("dit_sparse.profiles").joinpath(fname).read_text(encoding="utf-8")
-        return Profile.loads(text, source=f"shipped profile {fname}")
+        profile = Profile.loads(text, source=f"shipped profile {fname}")
+        check_profile_fits(profile, pipe)
+        return profile
     try:
-        return Profile.load(spec)
+        profile = Profile.load(spec)
     except ProfileError as exc:
         raise SystemExit(f"error: {exc}") from None
+    check_profile_fits(profile, pipe)
+    return profile
+
+
+def check_profile_fits(profile: Profile, pipe: Any) -> None:
+    """Fail fast, before the long dense run, when the profile was made for another model."""
+    from .pipelines import UnsupportedModelError, family_for
+
+    for name in ("transformer", "transformer_2"):
+        transformer = getattr(pipe, name, None)
+        if transformer is None:
+            continue
+        try:
+            family = family_for(transformer)
+            profile.check_compatible(family.fingerprint(transformer), family.name)
+        except (ProfileError, UnsupportedModelError) as exc:
+            raise SystemExit(f"error: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -106,7 +125,17 @@ def _pipe_call(pipe: Any, args: argparse.Namespace, model_name: str) -> Any:
         kw["prompt"] = args.prompt
         if args.negative_prompt:
             kw["negative_prompt"] = args.negative_prompt
-    return pipe(**kw)
+    return pipe(**_accepted(pipe, kw))
+
+
+def _accepted(pipe: Any, kw: dict[str, Any]) -> dict[str, Any]:
+    """Keep the arguments this pipeline's ``__call__`` takes (image pipelines have no ``num_frames``)."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kw
+    return {k: v for k, v in kw.items() if k in params}
 
 
 def _frames(output: Any) -> Any:
