@@ -251,8 +251,8 @@ def side_by_side(a: Any, b: Any) -> Any:
 def run(args: argparse.Namespace) -> GenerateResult:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    if dtype is None and device == "cuda" and args.model != "tiny":
-        dtype = torch.bfloat16
+    if dtype is None and device == "cuda":
+        dtype = torch.bfloat16  # the Triton kernel runs fp16/bf16 on CUDA (fp32 is CPU-only)
     pipe, model_name = load_pipeline(args.model, device, dtype)
     if model_name == "tiny-untrained":
         print(
@@ -364,5 +364,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4s")
     p.add_argument("--out", default="outputs", help="output root; each run gets a new folder inside it")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="model dtype")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="model dtype; auto = bf16 on CUDA (the sparse kernel needs fp16/bf16 there), fp32 on the CPU",
+    )
     p.add_argument("--warmup", action="store_true", help="run one untimed 1-step pass first (fairer timings)")
