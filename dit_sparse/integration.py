@@ -45,6 +45,8 @@ DIFFUSERS_RANGE = ((0, 42), (0, 43))  # private hook / context-parallel API used
 _MASK_CACHE_SIZE = 32
 # skip(mode="reuse") keeps each reused head's last computed output; bounded (LRU eviction beyond this)
 REUSE_CACHE_MAX_BYTES = 1 << 30
+# lse_topk(retention=True) keeps per (CFG context, layer) the Re-ttention ratio and residual; bounded (LRU eviction)
+RETENTION_CACHE_MAX_BYTES = 1 << 30
 
 
 class SparseApplyError(RuntimeError):
@@ -81,6 +83,8 @@ class RunReport:
     # skip(mode="reuse"): (layer, step) -> "reused" or why the skipped heads were computed (dense) instead
     reuse: dict[tuple[int, int], str] = field(default_factory=dict)
     cache_bytes: dict[str, int] = field(default_factory=dict)  # peak bytes held per cache ("reuse", "masks")
+    # lse_topk(retention=True): (layer, step) -> "refreshed", "corrected" or why the correction was not applied
+    retention: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def mean_density(self) -> float:
         """Mean fraction of attention computed over all (layer, step) calls; dense calls count as 1."""
@@ -130,6 +134,7 @@ class RunReport:
             "fallbacks": list(self.fallbacks),
             "attention_seconds": sum(self.attention_seconds.values()) if self.attention_seconds else None,
             "reuse": {f"{k[0]},{k[1]}": v for k, v in sorted(self.reuse.items())},
+            "retention": {f"{k[0]},{k[1]}": v for k, v in sorted(self.retention.items())},
             "cache_bytes": dict(self.cache_bytes),
         }
 
@@ -187,6 +192,9 @@ class TransformerBinding:
         self.reuse_cache: OrderedDict[Any, torch.Tensor] = OrderedDict()  # skip(reuse) outputs, per run
         self.reuse_cache_max_bytes = REUSE_CACHE_MAX_BYTES
         self._reuse_too_big: set[Any] = set()  # (context, layer) whose reused heads did not fit the cache
+        # lse_topk(retention=True): (layer, context, layout, batch, device) -> (r (B, R, N), residual (B, R, N, D))
+        self.retention_cache: OrderedDict[Any, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.retention_cache_max_bytes = RETENTION_CACHE_MAX_BYTES
         self.runs: list[RunReport] = []
         self._warned: set[str] = set()
         self.hook: Any = None
@@ -237,6 +245,7 @@ class TransformerBinding:
         self.step_masks.clear()
         self.reuse_cache.clear()
         self._reuse_too_big.clear()
+        self.retention_cache.clear()
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -344,6 +353,7 @@ class TransformerBinding:
             out = self._kernel(qh, kh, vh, mask, scale, plan.perm)  # (B, H, N, D)
             if plan.reuse:
                 out = self._reuse_heads(layer, plan.reuse, out, qh, kh, vh, scale)
+            out = self._retention(layer, plan, mlayout, qh, kh, vh, mask, scale, out)
         return out.transpose(1, 2) if bshd else out
 
     def _kernel(
@@ -437,6 +447,79 @@ class TransformerBinding:
         self._remember(layer, heads, out)
         return out
 
+    # -- lse_topk(retention=True): Re-ttention correction -------------------------------------------------
+    def _retention(
+        self,
+        layer: int,
+        plan: _StaticPlan,
+        mlayout: MaskLayout,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float | None,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """At a mask refresh step compute the exact Re-ttention ratio and residual of the retention heads from
+        ``q, k, v (B, H, N, D)`` and this step's sparse ``out`` (then ``out`` becomes dense attention for them) and
+        cache them; on the steps that reuse the mask apply the cached ones (``patterns.dynamic.retention_stats``)."""
+        heads = _retention_heads(plan)
+        if not heads:
+            return out
+        from .patterns.dynamic import apply_retention, retention_stats
+
+        run, rkey = self.runs[-1], (layer, self.state.step)
+        key = (layer, self.state.context_name, mlayout, q.shape[0], str(q.device))
+        step_mask = self.step_masks.get((*key, None))
+        idx = torch.tensor(heads, device=q.device)
+        if step_mask is None or step_mask.step == self.state.step:  # refreshed this call
+            r, residual = retention_stats(
+                q.index_select(1, idx),
+                k.index_select(1, idx),
+                v.index_select(1, idx),
+                mask.index_select(1, idx),
+                mlayout.block_size,
+                out.index_select(1, idx),
+                scale,
+            )  # (B, R, N), (B, R, N, D)
+            out[:, heads] = apply_retention(out[:, heads], r, residual)
+            self._remember_retention(key, r, residual)
+            run.retention[rkey] = "refreshed"
+            return out
+        cached = self.retention_cache.get(key)
+        if cached is None:
+            why = "no cached statistics (evicted or over retention_cache_max_bytes)"
+            self.warn_once(
+                "retention-miss", f"dit-sparse: lse_topk(retention=True) heads ran uncorrected: {why}"
+            )
+            run.retention[rkey] = f"not applied: {why}"
+            return out
+        self.retention_cache.move_to_end(key)
+        out[:, heads] = apply_retention(out[:, heads], *cached)
+        run.retention[rkey] = "corrected"
+        return out
+
+    def _remember_retention(self, key: Any, r: torch.Tensor, residual: torch.Tensor) -> None:
+        self.retention_cache.pop(key, None)
+        nbytes = r.numel() * r.element_size() + residual.numel() * residual.element_size()
+        if nbytes > self.retention_cache_max_bytes:
+            self.warn_once(
+                "retention-full",
+                f"dit-sparse: lse_topk(retention=True) needs {nbytes / 2**20:.1f} MiB per layer, more than the "
+                f"retention cache's {self.retention_cache_max_bytes / 2**20:.1f} MiB; sparse steps run uncorrected",
+            )
+            return
+        used = sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size()
+            for a, b in self.retention_cache.values()
+        )
+        while self.retention_cache and used + nbytes > self.retention_cache_max_bytes:
+            _, (a, b) = self.retention_cache.popitem(last=False)
+            used -= a.numel() * a.element_size() + b.numel() * b.element_size()
+        self.retention_cache[key] = (r, residual)
+        if self.runs:
+            self.runs[-1].note_cache("retention", used + nbytes)
+
     def _padded_text(
         self,
         layer: int,
@@ -460,6 +543,13 @@ class TransformerBinding:
             qb, kb, vb = q[b : b + 1, :, keep], k[b : b + 1, :, keep], v[b : b + 1, :, keep]
             plan = self._static_plan(layer, sub, q.device)
             mask, density = self._step_mask(layer, plan, sub, qb, kb, sample=b)
+            if _retention_heads(plan):
+                self.warn_once(
+                    "retention-padded",
+                    "dit-sparse: lse_topk(retention=True) heads run without the Re-ttention correction when the "
+                    "text is padded",
+                )
+                self.runs[-1].retention[(layer, self.state.step)] = "not applied: padded text"
             if plan.reuse:  # not reused per sample: computed dense, and said so
                 mask = mask.clone()
                 mask[:, list(plan.reuse)] = True
@@ -571,6 +661,11 @@ class TransformerBinding:
         if self.runs:
             self.runs[-1].note_cache("masks", sum(m.mask.numel() for m in self.step_masks.values()))
         return mask, density
+
+
+def _retention_heads(plan: _StaticPlan) -> list[int]:
+    """Heads of ``plan`` whose dynamic pattern asks for the Re-ttention correction (``retention=True``)."""
+    return [h for _, params, heads in plan.dynamic if params.get("retention") for h in heads]
 
 
 def _timestep_key(t: Any) -> float | None:
