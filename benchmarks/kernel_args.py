@@ -112,6 +112,41 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def add_common_bench_args(parser: argparse.ArgumentParser, *, tiny_help: str, seed_help: str) -> None:
+    """Options every ``dit-sparse bench`` subcommand shares: block size, dtype, timing, output, device, seed."""
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=128,
+        help="tokens per mask block (square blocks)",
+    )
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="q/k/v dtype")
+    parser.add_argument(
+        "--reps",
+        type=positive_int,
+        default=20,
+        help="at least this many timed runs per measurement (median)",
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=5, help="at least this many untimed runs before timing"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="folder for the JSON and Markdown results (default: benchmarks/results of the source checkout)",
+    )
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto: CUDA when present (CPU with --tiny)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
 def add_kernel_bench_args(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``dit-sparse bench kernel`` to ``parser``."""
     gpu_names = ", ".join(s.name for s in GPU_SHAPES)
@@ -140,41 +175,11 @@ def add_kernel_bench_args(parser: argparse.ArgumentParser) -> None:
         help="skip the structured mask (diagonal band + first-column sink + vertical stripes, ≈0.1-0.2 density)",
     )
     parser.add_argument(
-        "--block-size",
-        type=int,
-        choices=BLOCK_SIZES,
-        default=128,
-        help="tokens per mask block (square blocks)",
-    )
-    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="q/k/v dtype")
-    parser.add_argument(
-        "--reps",
-        type=positive_int,
-        default=20,
-        help="at least this many timed runs per measurement (median)",
-    )
-    parser.add_argument(
-        "--warmup", type=non_negative_int, default=5, help="at least this many untimed runs before timing"
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help="folder for the JSON and Markdown results (default: benchmarks/results of the source checkout)",
-    )
-    parser.add_argument(
-        "--tiny",
-        action="store_true",
-        help="tiny shapes on the CPU paths (block-gather vs torch SDPA): proves the benchmark runs, its timings "
-        "are not kernel performance. The default when no CUDA device is present",
-    )
-    parser.add_argument(
         "--no-flex", action="store_true", help="skip FlexAttention (torch.compile of flex_attention)"
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="auto: CUDA when present (CPU with --tiny)",
+    add_common_bench_args(
+        parser,
+        tiny_help="tiny shapes on the CPU paths (block-gather vs torch SDPA): proves the benchmark runs, its "
+        "timings are not kernel performance. The default when no CUDA device is present",
+        seed_help="seed of the random masks and of the inputs",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random masks and of the inputs")

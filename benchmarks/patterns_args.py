@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from .kernel_args import BLOCK_SIZES, non_negative_int, parse_names, positive_int, unknown_name_message
+from .kernel_args import add_common_bench_args, parse_names, unknown_name_message
 
 
 @dataclass(frozen=True)
@@ -89,40 +89,14 @@ def add_patterns_bench_args(parser: argparse.ArgumentParser) -> None:
         "'window(f=2,h=8,w=8)'. Default: every registered pattern at its defaults",
     )
     parser.add_argument(
-        "--block-size", type=int, choices=BLOCK_SIZES, default=128, help="tokens per mask block"
-    )
-    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="q/k/v dtype")
-    parser.add_argument(
-        "--reps",
-        type=positive_int,
-        default=20,
-        help="at least this many timed runs per measurement (median)",
-    )
-    parser.add_argument(
-        "--warmup", type=non_negative_int, default=5, help="at least this many untimed runs before timing"
-    )
-    parser.add_argument(
         "--target-pct",
         type=float,
         default=5.0,
         help="overhead target: each overhead (mask build, permutation, draft) as %% of dense attention time",
     )
-    parser.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help="folder for the JSON and Markdown results (default: benchmarks/results of the source checkout)",
+    add_common_bench_args(
+        parser,
+        tiny_help="tiny layouts on the CPU paths: proves the benchmark runs, its timings are not kernel "
+        "performance. The default when no CUDA device is present",
+        seed_help="seed of the random q/k/v",
     )
-    parser.add_argument(
-        "--tiny",
-        action="store_true",
-        help="tiny layouts on the CPU paths: proves the benchmark runs, its timings are not kernel performance. "
-        "The default when no CUDA device is present",
-    )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="auto: CUDA when present (CPU with --tiny)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random q/k/v")
