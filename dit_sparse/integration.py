@@ -186,6 +186,10 @@ class TransformerBinding:
         self.timing = timing
         self.modules = family.self_attention_modules(transformer)
         self.layer_of: dict[int, int] = {id(m): i for i, (_, m) in enumerate(self.modules)}
+        # the profile is fixed for this binding: name each layer's head patterns once, not on every call
+        self._layer_names = [
+            tuple(pattern_name(s.pattern, s.params) for s in heads) for heads in profile.layers
+        ]
         self.state = _ForwardState()
         self.masks: OrderedDict[Any, _StaticPlan] = OrderedDict()
         self.step_masks: OrderedDict[Any, _StepMask] = OrderedDict()  # dynamic masks, per run
@@ -585,7 +589,7 @@ class TransformerBinding:
     def _static_plan(self, layer: int, mlayout: MaskLayout, device: torch.device) -> _StaticPlan:
         """Mask, permutation and head groups of ``layer`` (cached per head-pattern set, layout and device)."""
         heads = [(s.pattern, s.params) for s in self.profile.layers[layer]]
-        names = tuple(pattern_name(n, p) for n, p in heads)
+        names = self._layer_names[layer]
         key = (names, mlayout, str(device))
         hit = self.masks.get(key)
         if hit is not None:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .patterns import MaskLayout, pattern_name
+from .patterns import MaskLayout
 
 if TYPE_CHECKING:  # pragma: no cover
     from .integration import TransformerBinding
@@ -142,7 +142,7 @@ def balance_heads(costs: Sequence[float], world: int) -> list[int] | None:
 
 def head_order(binding: TransformerBinding, layer: int, mlayout: MaskLayout, world: int) -> list[int] | None:
     """Balanced head order for ``layer`` from its block counts per head (cached; one host sync per new layout)."""
-    names = tuple(pattern_name(s.pattern, s.params) for s in binding.profile.layers[layer])
+    names = binding._layer_names[layer]
     key = (names, mlayout, world)
     if key not in _BALANCE_CACHE:
         mask, _ = binding.layer_mask(layer, mlayout, torch.device("cpu"))  # (1, H, nB, nB)
