@@ -35,8 +35,19 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
     qk_norm="rms_norm_across_heads",
     rope_max_seq_len=256,
 )
+# Wan 2.2-style pixel patchify (2×2) before two 2× downsamplings: 8× spatial, 4× causal temporal compression,
+# cheap at full resolution (the first convolution runs at half resolution)
 VAE_CONFIG: dict[str, Any] = dict(
-    base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    base_dim=16,
+    z_dim=16,
+    dim_mult=[1, 2, 2],
+    num_res_blocks=1,
+    temperal_downsample=[True, True],
+    patch_size=2,
+    in_channels=12,
+    out_channels=12,
+    scale_factor_spatial=8,
+    scale_factor_temporal=4,
 )
 DEFAULTS: dict[str, Any] = dict(
     height=128, width=128, num_frames=65, num_inference_steps=16, guidance_scale=5.0

@@ -69,8 +69,15 @@ def _shape_mask(
     raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
 
 
-def make_clip(spec: ClipSpec, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """``(frames, 3, height, width)`` float in [0, 1]. The seed picks the start point, size and speed."""
+def make_clip(
+    spec: ClipSpec, frames: int, height: int, width: int, seed: int = 0, travel_frames: int | None = None
+) -> torch.Tensor:
+    """``(frames, 3, height, width)`` float in [0, 1]. The seed picks the start point, size and speed.
+
+    The shape crosses 45–60 % of the frame in ``travel_frames`` frames (default: the clip's length, path centred);
+    with ``travel_frames`` > ``frames`` the clip shows a random stretch of that slower path, so clips of every
+    length share one speed range.
+    """
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(4, generator=g)
     r = float(min(height, width) * (0.14 + 0.06 * u[0]))  # shape radius in pixels
@@ -78,6 +85,11 @@ def make_clip(spec: ClipSpec, frames: int, height: int, width: int, seed: int = 
     travel = 0.45 + 0.15 * float(u[1])  # fraction of the frame crossed over the clip
     # start so the path stays inside the frame; the perpendicular coordinate is random
     along_start = 0.5 - travel / 2
+    span = max(travel_frames or frames, frames)
+    if span > frames:
+        shown = travel * (frames - 1) / max(span - 1, 1)
+        along_start += (travel - shown) * float(u[3])
+        travel = shown
     across = 0.3 + 0.4 * float(u[2])
     yy = torch.arange(height, dtype=torch.float32).view(-1, 1)
     xx = torch.arange(width, dtype=torch.float32).view(1, -1)
