@@ -21,6 +21,12 @@ def _bench_patterns(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from dit_sparse.benchmarks.e2e import run_from_args
+
+    return run_from_args(args)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from dit_sparse.generate import run
 
@@ -51,7 +57,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="kernel and end-to-end benchmarks",
         description="Benchmarks. Results go to benchmarks/results/ as JSON with the GPU, versions and command.",
     )
-    bsub = bench.add_subparsers(dest="bench_cmd", metavar="{kernel,patterns}")
+    bsub = bench.add_subparsers(dest="bench_cmd", metavar="{kernel,patterns,e2e}")
     bsub.required = True
     kernel = bsub.add_parser(
         "kernel",
@@ -83,6 +89,25 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     add_patterns_bench_args(patterns)
     patterns.set_defaults(func=_bench_patterns)
+    e2e = bsub.add_parser(
+        "e2e",
+        help="one denoising step of full-size DiTs (random weights), dense vs sparse, + a 50-step estimate",
+        description=(
+            "Build Wan2.1-1.3B/14B, HunyuanVideo, CogVideoX-5B and FLUX transformers from their published configs "
+            "with random weights (no download) and time one denoising step (one transformer forward, batch 2 when the "
+            "pipeline uses classifier-free guidance, the pipeline's text lengths): "
+            "dense with diffusers' default attention and with cuDNN SDPA, through the plugin with a dense profile, "
+            "and sparse with uniform radial / window profiles and draft at each target density. Reports attention "
+            "time, draft/mask/hook overheads, peak GPU memory, a full-schedule estimate with dense warm-up steps, "
+            "and (--compile) the same under torch.compile. On a machine without a GPU use --tiny: tiny configs of "
+            "the same classes on the CPU prove the benchmark runs; their timings are not GPU performance."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from dit_sparse.benchmarks.e2e_args import add_e2e_bench_args
+
+    add_e2e_bench_args(e2e)
+    e2e.set_defaults(func=_bench_e2e)
 
 
 def _demo(args: argparse.Namespace) -> int:
