@@ -20,6 +20,8 @@ import torch
 MODEL_DIR = Path(__file__).parent / "tiny_model"
 TEXT_DIM = 64
 TEXT_LEN = 16
+# prompt padding of the training script's full-length fine-tune (``max_sequence_length`` for a trained model)
+TEXT_LENGTH = 16
 
 TRANSFORMER_CONFIG: dict[str, Any] = dict(
     patch_size=(1, 1, 1),  # 1×1 patches: 128×128 px → 16×16 tokens per latent frame, cheap VAE, many tokens

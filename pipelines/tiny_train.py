@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .tiny import DEFAULTS, TEXT_DIM, TRANSFORMER_CONFIG, VAE_CONFIG
+from .tiny import DEFAULTS, TEXT_DIM, TEXT_LENGTH, TRANSFORMER_CONFIG, VAE_CONFIG
 from .tiny_data import VOCAB, ClipSpec, all_specs, detect, make_clip
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
@@ -70,6 +70,13 @@ class Recipe:
     dit_phases: list[tuple[int, int, int]] = field(
         default_factory=lambda: [(5, 8, 600), (9, 4, 450), (17, 2, 400)]
     )
+    # optional full-length fine-tune of the transformer after the curriculum: fresh AdamW, constant lr, own generator
+    # prompts padded to TEXT_LENGTH instead of 512: the cross-attention no longer spreads over 500 padding keys
+    finetune_steps: int = 550
+    finetune_batch: int = 4
+    finetune_frames: int = 9
+    finetune_lr: float = 3e-4
+    finetune_text_length: int = TEXT_LENGTH
     decoder_steps: int = 600  # decoder-only fine-tune on the frozen encoder's latents, after the transformer
     decoder_batch: int = 4
     decoder_crop: tuple[int, int, int] = (9, 64, 64)
@@ -91,6 +98,9 @@ class Recipe:
             vae_steps=2,
             vae_batch=2,
             vae_crop=(5, 32, 32),
+            finetune_steps=2,
+            finetune_batch=2,
+            finetune_frames=3,
             decoder_steps=2,
             decoder_batch=2,
             decoder_crop=(5, 32, 32),
@@ -272,23 +282,106 @@ def vae_psnr(vae: Any, recipe: Recipe, device: torch.device, n: int = 4) -> floa
 
 
 # ------------------------------------------------------------------------------------------------ DiT
-def _text_table(pipe: Any, specs: list[ClipSpec]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _text_table(
+    pipe: Any, specs: list[ClipSpec], length: int = MAX_SEQUENCE_LENGTH
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     prompts = sorted({s.prompt for s in specs})
     with torch.no_grad():
         embeds, _ = pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH, device="cpu"
+            prompts, do_classifier_free_guidance=False, max_sequence_length=length, device="cpu"
         )
         empty, _ = pipe.encode_prompt(
-            "", do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH, device="cpu"
+            "", do_classifier_free_guidance=False, max_sequence_length=length, device="cpu"
         )
     return {p: e for p, e in zip(prompts, embeds)}, empty[0]
 
 
-def train_transformer(
+def flow_loss(
     transformer: Any,
     latents: torch.Tensor,
-    texts: list[torch.Tensor],
+    text_stack: torch.Tensor,
     empty: torch.Tensor,
+    lat_frames: int,
+    batch: int,
+    recipe: Recipe,
+    device: torch.device,
+    g: torch.Generator,
+) -> torch.Tensor:
+    """Rectified-flow loss on a random batch of latent prefixes: predict ``noise - x0`` at a shifted timestep."""
+    idx = torch.randint(len(latents), (batch,), generator=g)
+    x0 = latents[idx, :, :lat_frames]
+    ctx = text_stack[idx].clone()
+    drop = torch.rand(batch, generator=g) < recipe.cfg_dropout
+    ctx[drop] = empty
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = torch.sigmoid(torch.randn(batch, generator=g))
+    sigma = SCHEDULER_SHIFT * sigma / (1 + (SCHEDULER_SHIFT - 1) * sigma)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    pred = transformer(xt.to(device), (sigma * 1000).to(device), ctx.to(device), return_dict=False)[0]
+    loss = F.mse_loss(pred.float(), (noise - x0).to(device))
+    return loss
+
+
+def finetune_transformer(
+    transformer: Any, data: LatentData, recipe: Recipe, device: torch.device
+) -> dict[str, float]:
+    """Full-length (all latent frames) training at a constant low lr with a fresh optimizer and its own generator."""
+    g = torch.Generator().manual_seed(recipe.seed + 4)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.finetune_lr, weight_decay=0.01)
+    frames = recipe.finetune_frames
+    transformer.train()
+    losses: list[float] = []
+    bar = _progress(recipe.finetune_steps, f"DiT fine-tune {frames} latent frames")
+    for _ in range(recipe.finetune_steps):
+        loss = flow_loss(
+            transformer,
+            data.latents,
+            data.texts,
+            data.empty,
+            frames,
+            recipe.finetune_batch,
+            recipe,
+            device,
+            g,
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    bar.close()
+    transformer.eval()
+    tail = losses[-50:]
+    return {"steps": recipe.finetune_steps, "final_loss": sum(tail) / max(len(tail), 1)}
+
+
+@dataclass
+class LatentData:
+    latents: torch.Tensor  # normalised posterior means (N, C, F', H', W')
+    texts: torch.Tensor  # (N, 512, text dim) prompt embeddings, padded as WanPipeline pads them
+    empty: torch.Tensor  # the empty prompt's embedding (classifier-free guidance dropout)
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def latent_data(
+    pipe: Any, recipe: Recipe, device: torch.device, text_length: int = MAX_SEQUENCE_LENGTH
+) -> LatentData:
+    """Encode every training clip with the pipeline's VAE and embed its prompt with the pipeline's text encoder."""
+    latents, specs = encode_dataset(pipe.vae, recipe, device)
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    table, empty = _text_table(pipe, specs, text_length)
+    return LatentData(latents, torch.stack([table[s.prompt] for s in specs]), empty, mean, std)
+
+
+def train_transformer(
+    transformer: Any,
+    data: LatentData,
     recipe: Recipe,
     device: torch.device,
     g: torch.Generator,
@@ -307,24 +400,14 @@ def train_transformer(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     transformer.train()
     report = []
-    text_stack = torch.stack(texts)
     for lat_frames, batch, steps in recipe.dit_phases:
         losses: list[float] = []
         start = time.perf_counter()
         bar = _progress(steps, f"DiT {lat_frames} latent frames")
         for _ in range(steps):
-            idx = torch.randint(len(latents), (batch,), generator=g)
-            x0 = latents[idx, :, :lat_frames]
-            ctx = text_stack[idx].clone()
-            drop = torch.rand(batch, generator=g) < recipe.cfg_dropout
-            ctx[drop] = empty
-            noise = torch.randn(x0.shape, generator=g)
-            sigma = torch.sigmoid(torch.randn(batch, generator=g))
-            sigma = SCHEDULER_SHIFT * sigma / (1 + (SCHEDULER_SHIFT - 1) * sigma)
-            s = sigma.view(-1, 1, 1, 1, 1)
-            xt = (1 - s) * x0 + s * noise
-            pred = transformer(xt.to(device), (sigma * 1000).to(device), ctx.to(device), return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), (noise - x0).to(device))
+            loss = flow_loss(
+                transformer, data.latents, data.texts, data.empty, lat_frames, batch, recipe, device, g
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -362,7 +445,9 @@ def eval_prompts(n: int) -> list[ClipSpec]:
 
 
 @torch.no_grad()
-def evaluate(pipe: Any, specs: list[ClipSpec], frames: int, steps: int, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    pipe: Any, specs: list[ClipSpec], frames: int, steps: int, text_length: int, seed: int = 0
+) -> dict[str, Any]:
     """Generate one clip per prompt (batched) and check colour and direction with the detector."""
     videos = pipe(
         prompt=[s.prompt for s in specs],
@@ -373,6 +458,7 @@ def evaluate(pipe: Any, specs: list[ClipSpec], frames: int, steps: int, seed: in
         guidance_scale=DEFAULTS["guidance_scale"],
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
+        max_sequence_length=text_length,
     ).frames  # (B, F, 3, H, W) in [0, 1]
     rows = []
     for spec, video in zip(specs, videos):
@@ -411,9 +497,26 @@ def train(
         summary["seconds"].pop("total", None)
         summary["resumed_from"] = str(resume)
         summary["recipe"] = asdict(recipe)
+        data = None
     else:
-        pipe, summary = _train_base(recipe, device, checkpoints)
+        pipe, summary, data = _train_base(recipe, device, checkpoints)
     timings = summary["seconds"]
+
+    if recipe.finetune_steps > 0 and "finetune" not in summary:
+        t0 = time.perf_counter()
+        if data is None:  # resumed: encode again (the encoder is the saved one, so the latents are the same)
+            data = latent_data(pipe, recipe, device, recipe.finetune_text_length)
+        else:
+            specs = [s for s, _ in training_clips(recipe)]
+            table, empty = _text_table(pipe, specs, recipe.finetune_text_length)
+            data.texts = torch.stack([table[s.prompt] for s in specs])
+            data.empty = empty
+        _log(
+            f"transformer fine-tune: {recipe.finetune_steps} steps at {recipe.finetune_frames} latent frames"
+        )
+        summary["finetune"] = finetune_transformer(pipe.transformer, data, recipe, device)
+        timings["finetune"] = round(time.perf_counter() - t0, 1)
+    del data
 
     t0 = time.perf_counter()
     _log(f"VAE decoder fine-tune: {recipe.decoder_steps} steps")
@@ -426,7 +529,8 @@ def train(
 
     t0 = time.perf_counter()
     pipe.to("cpu")
-    ev = evaluate(pipe, eval_prompts(recipe.eval_prompts), recipe.eval_frames, recipe.eval_steps)
+    text_length = recipe.finetune_text_length if recipe.finetune_steps > 0 else MAX_SEQUENCE_LENGTH
+    ev = evaluate(pipe, eval_prompts(recipe.eval_prompts), recipe.eval_frames, recipe.eval_steps, text_length)
     timings["eval"] = round(time.perf_counter() - t0, 1)
     _log(f"detector: {ev['matches']}/{ev['total']} generated clips match their prompt")
     summary["eval"] = ev
@@ -448,7 +552,9 @@ def _resume(folder: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
     return pipe, summary
 
 
-def _train_base(recipe: Recipe, device: torch.device, checkpoints: Path | None) -> tuple[Any, dict[str, Any]]:
+def _train_base(
+    recipe: Recipe, device: torch.device, checkpoints: Path | None
+) -> tuple[Any, dict[str, Any], LatentData]:
     """Tokenizer, text encoder, VAE, latent statistics and transformer (the stages the transformer depends on)."""
     from diffusers import (
         AutoencoderKLWan,
@@ -476,19 +582,6 @@ def _train_base(recipe: Recipe, device: torch.device, checkpoints: Path | None) 
     vae_report["heldout_psnr_db"] = vae_psnr(vae, recipe, device)
     _log(f"VAE held-out reconstruction PSNR {vae_report['heldout_psnr_db']:.1f} dB")
 
-    t0 = time.perf_counter()
-    latents, specs = encode_dataset(vae, recipe, device)
-    mean = latents.mean(dim=(0, 2, 3, 4))
-    std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
-    vae.register_to_config(
-        latents_mean=[round(float(v), 6) for v in mean], latents_std=[round(float(v), 6) for v in std]
-    )
-    if checkpoints is not None:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        vae.save_pretrained(checkpoints / "vae")
-    latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-    timings["encode"] = round(time.perf_counter() - t0, 1)
-
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -496,14 +589,22 @@ def _train_base(recipe: Recipe, device: torch.device, checkpoints: Path | None) 
         scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
         transformer=transformer,
     )
-    table, empty = _text_table(pipe, specs)
-    texts = [table[s.prompt] for s in specs]
+    t0 = time.perf_counter()
+    data = latent_data(pipe, recipe, device)
+    vae.register_to_config(
+        latents_mean=[round(float(v), 6) for v in data.mean],
+        latents_std=[round(float(v), 6) for v in data.std],
+    )
+    if checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        vae.save_pretrained(checkpoints / "vae")
+    timings["encode"] = round(time.perf_counter() - t0, 1)
 
     _log(
         f"transformer: {sum(p.numel() for p in transformer.parameters()):,} parameters, phases {recipe.dit_phases}"
     )
     t0 = time.perf_counter()
-    dit_report = train_transformer(transformer, latents, texts, empty, recipe, device, g, checkpoints)
+    dit_report = train_transformer(transformer, data, recipe, device, g, checkpoints)
     timings["transformer"] = round(time.perf_counter() - t0, 1)
     summary = {
         "recipe": asdict(recipe),
@@ -514,7 +615,7 @@ def _train_base(recipe: Recipe, device: torch.device, checkpoints: Path | None) 
         "transformer": dit_report,
         "seconds": timings,
     }
-    return pipe, summary
+    return pipe, summary, data
 
 
 def _save(pipe: Any, summary: dict[str, Any], out: Path, force: bool) -> None:
@@ -550,6 +651,13 @@ def model_card(summary: dict[str, Any]) -> str:
         for c in ev["clips"]
     )
     secs = summary["seconds"]
+    ft = summary.get("finetune")
+    finetune = (
+        f"- Transformer fine-tune at full length: {ft['steps']} steps, batch {r['finetune_batch']}, constant lr "
+        f"{r['finetune_lr']}, fresh AdamW, own generator; final loss {ft['final_loss']:.4f} ({secs['finetune']:.0f} s).\n"
+        if ft
+        else ""
+    )
     resumed = (
         " The stages ran in two processes: the decoder stage was added to the script while the first process was"
         " training the transformer, and `--resume` ran it (and the evaluation) on that process's saved output;"
@@ -600,7 +708,7 @@ Procedural clips from `pipelines/tiny_data.py`: one shape (circle, square, trian
 |---:|---:|---:|---:|---:|
 {phases}
 
-- VAE decoder fine-tune (after the transformer; the encoder and so the latent space stay frozen):
+{finetune}- VAE decoder fine-tune (after the transformer; the encoder and so the latent space stay frozen):
   {r["decoder_steps"]} AdamW steps, batch {r["decoder_batch"]}, crops {r["decoder_crop"]}, lr {r["decoder_lr"]} cosine,
   L1 + MSE on the posterior means. Held-out reconstruction PSNR **{summary["decoder"]["heldout_psnr_db"]:.1f} dB**.
 
@@ -644,13 +752,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--checkpoints", type=Path, default=None, help="also save the VAE and each phase's weights here"
     )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="a folder an earlier run saved: keep its VAE encoder and transformer, run the stages it lacks",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = Recipe.quick() if args.quick else Recipe()
     recipe.seed = args.seed
     summary = train(
-        recipe, args.out, torch.device(args.device), force=args.force, checkpoints=args.checkpoints
+        recipe,
+        args.out,
+        torch.device(args.device),
+        force=args.force,
+        checkpoints=args.checkpoints,
+        resume=args.resume,
     )
     ev = summary["eval"]
     print(f"done in {summary['seconds']['total'] / 60:.1f} min; detector {ev['matches']}/{ev['total']}")
