@@ -51,6 +51,30 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.set_defaults(func=_generate)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from dit_sparse.eval import run
+
+    return run(args)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from dit_sparse.eval import add_eval_args
+
+    ev = sub.add_parser(
+        "eval",
+        help="dense vs sparse on the same prompts/seeds: PSNR/SSIM per frame, time, density; JSON + table",
+        description=(
+            "Generate every prompt with every seed twice, dense and with the profile, with the same steps, size and "
+            "guidance, and compare: PSNR and SSIM per frame (mean and worst frame), dense and sparse wall time, "
+            "mean attention density. Prints a table and writes a JSON (with the versions, device and command) to "
+            "benchmarks/results/ or --out; an existing file is never replaced without --force."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_eval_args(ev)
+    ev.set_defaults(func=_eval)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
@@ -201,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_generate(sub)
+    _add_eval(sub)
     _add_bench(sub)
     _add_demo(sub)
     _add_profile(sub)
