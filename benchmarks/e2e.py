@@ -538,6 +538,7 @@ def _new_row(spec: E2EModel, config: str, compiled: bool) -> dict[str, Any]:
         "speedup_vs_cudnn": None,
         "attention_speedup": None,
         "schedule": None,
+        "fallbacks": None,
         "skipped": None,
         "error": None,
     }
@@ -762,6 +763,7 @@ def _progress_line(row: dict, tag: str = "") -> str:
 COLUMNS = (
     "model",
     "config",
+    "pattern",
     "compile",
     "density",
     "step ms",
@@ -787,7 +789,8 @@ def table_rows(result: dict) -> list[list[str]]:
         body.append(
             [
                 r["model"],
-                r["pattern_desc"] or r["config"],
+                r["config"],
+                r["pattern_desc"] or "-",
                 "yes" if r["compile"] else "no",
                 _fmt(r["density"], ".3f"),
                 status or _fmt(r["step_ms"], ".4g"),
@@ -816,11 +819,13 @@ def _explain(result: dict) -> list[str]:
         "reuse, draft masks and the kernel); attn ×: dense-hooked attn ms over this one.",
         "draft ms: draft's per-step mask work (pool, map, top-k; part of attn ms); mask ms (once): building the "
         "layer plan (mask + permutation), cached for the run; hook ms: dense-hooked minus dense step (plugin "
-        "overhead); rest ms: step - attn - hook (projections, MLPs, norms, cross-attention).",
+        "overhead, may be < 0 within timing noise); rest ms: step - attn - hook (projections, MLPs, norms, "
+        "cross-attention).",
         f"schedule s / ×: {st['schedule_steps']} steps with {st['dense_steps']} dense warm-up steps (dense-hooked "
         "time) + one mask build, against all-dense steps with diffusers' default attention.",
         "density: fraction of self-attention token pairs computed (run report; text rows/columns always dense); "
-        "static patterns are fitted to the target density on this layout, draft uses budget = target.",
+        "static patterns are fitted to the target density on this layout (pattern: the fit; a row is skipped "
+        "when the layout cannot come close), draft uses budget = target.",
     ]
 
 
