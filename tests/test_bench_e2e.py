@@ -131,6 +131,31 @@ def test_tiny_run_has_every_entry_and_the_profile_density(tmp_path, capsys):
     assert bench.CPU_NOTE in md.read_text()
 
 
+def test_compile_rows_trace_through_the_plugin(tmp_path):
+    """--compile times every configuration again under torch.compile ('eager' backend: dynamo tracing without code
+    generation, fast on the CPU); the compiled sparse run computes the same mask."""
+    data = _run(
+        tmp_path,
+        *("--models", "wan2.1-1.3b-480p", "--patterns", "window", "--densities", "0.5"),
+        *("--compile", "--compile-backend", "eager"),
+    )
+    assert data["settings"]["compile"] and data["settings"]["compile_backend"] == "eager"
+    rows = {(r["config"], r["compile"]): r for r in data["rows"]}
+    assert set(rows) == {
+        (c, m) for c in ("dense", "dense-cudnn", "dense-hooked", "window@0.5") for m in (False, True)
+    }
+    for config in ("dense", "dense-hooked", "window@0.5"):
+        eager, compiled = rows[(config, False)], rows[(config, True)]
+        assert eager["error"] is None and compiled["error"] is None, compiled["error"]
+        assert eager["compile_s"] is None and compiled["compile_s"] > 0
+        assert compiled["warmup_steps"] == bench.COMPILED_MIN_WARMUP and compiled["step_ms"] > 0
+        assert compiled["attention_ms"] is None  # the event timer is not used under torch.compile
+        assert compiled["density"] == eager["density"]
+        assert compiled["speedup_vs_dense"] == pytest.approx(
+            rows[("dense", True)]["step_ms"] / compiled["step_ms"]
+        )
+
+
 def test_unreachable_density_is_skipped_with_the_reason(tmp_path):
     """FLUX has one frame: radial is dense there, so a 0.1 target is not timed, and says why."""
     data = _run(tmp_path, "--models", "flux-1024", "--patterns", "radial", "--densities", "0.1")
