@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,37 @@ def _progress(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, mininterval=5.0, disable=os.environ.get("CI") == "true")
 
 
+def _optimise(
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    steps: int,
+    desc: str,
+    step_loss: Callable[[], torch.Tensor],
+) -> list[float]:
+    """``steps`` optimizer steps on ``step_loss()`` (gradients clipped to norm 1), with a progress bar; the losses."""
+    losses: list[float] = []
+    bar = _progress(steps, desc)
+    for _ in range(steps):
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{_tail_mean(losses):.4f}")
+    bar.close()
+    return losses
+
+
+def _tail_mean(losses: list[float], n: int = 50) -> float:
+    tail = losses[-n:]
+    return sum(tail) / max(len(tail), 1)
+
+
 # ------------------------------------------------------------------------------------------------ text
 def build_tokenizer() -> Any:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -178,26 +210,18 @@ def train_vae(vae: Any, recipe: Recipe, device: torch.device, g: torch.Generator
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(recipe.vae_steps, 1), 1.0)))
     )
-    vae.train()
-    losses: list[float] = []
-    bar = _progress(recipe.vae_steps, "VAE")
-    for _ in range(recipe.vae_steps):
+
+    def step_loss() -> torch.Tensor:
         x = _crops(recipe, recipe.vae_crop, recipe.vae_batch, g, device)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
         rec = vae.decode(z).sample
-        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + recipe.vae_kl * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    bar.close()
+        return (rec - x).abs().mean() + F.mse_loss(rec, x) + recipe.vae_kl * post.kl().mean()
+
+    vae.train()
+    losses = _optimise(list(vae.parameters()), opt, sched, recipe.vae_steps, "VAE", step_loss)
     vae.eval()
-    return {"final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1), "steps": recipe.vae_steps}
+    return {"final_loss": _tail_mean(losses), "steps": recipe.vae_steps}
 
 
 def _crops(
@@ -225,26 +249,18 @@ def finetune_decoder(vae: Any, recipe: Recipe, device: torch.device) -> dict[str
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(recipe.decoder_steps, 1), 1.0)))
     )
-    vae.train()
-    losses: list[float] = []
-    bar = _progress(recipe.decoder_steps, "VAE decoder")
-    for _ in range(recipe.decoder_steps):
+
+    def step_loss() -> torch.Tensor:
         x = _crops(recipe, recipe.decoder_crop, recipe.decoder_batch, g, device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
-        loss = (rec - x).abs().mean() + F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    bar.close()
+        return (rec - x).abs().mean() + F.mse_loss(rec, x)
+
+    vae.train()
+    losses = _optimise(params, opt, sched, recipe.decoder_steps, "VAE decoder", step_loss)
     vae.eval()
-    return {"final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1), "steps": recipe.decoder_steps}
+    return {"final_loss": _tail_mean(losses), "steps": recipe.decoder_steps}
 
 
 @torch.no_grad()
@@ -298,9 +314,7 @@ def _text_table(
 
 def flow_loss(
     transformer: Any,
-    latents: torch.Tensor,
-    text_stack: torch.Tensor,
-    empty: torch.Tensor,
+    data: LatentData,
     lat_frames: int,
     batch: int,
     recipe: Recipe,
@@ -308,11 +322,11 @@ def flow_loss(
     g: torch.Generator,
 ) -> torch.Tensor:
     """Rectified-flow loss on a random batch of latent prefixes: predict ``noise - x0`` at a shifted timestep."""
-    idx = torch.randint(len(latents), (batch,), generator=g)
-    x0 = latents[idx, :, :lat_frames]
-    ctx = text_stack[idx].clone()
+    idx = torch.randint(len(data.latents), (batch,), generator=g)
+    x0 = data.latents[idx, :, :lat_frames]
+    ctx = data.texts[idx].clone()
     drop = torch.rand(batch, generator=g) < recipe.cfg_dropout
-    ctx[drop] = empty
+    ctx[drop] = data.empty
     noise = torch.randn(x0.shape, generator=g)
     sigma = torch.sigmoid(torch.randn(batch, generator=g))
     sigma = SCHEDULER_SHIFT * sigma / (1 + (SCHEDULER_SHIFT - 1) * sigma)
@@ -331,37 +345,22 @@ def finetune_transformer(
     opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.finetune_lr, weight_decay=0.01)
     frames = recipe.finetune_frames
     transformer.train()
-    losses: list[float] = []
-    bar = _progress(recipe.finetune_steps, f"DiT fine-tune {frames} latent frames")
-    for _ in range(recipe.finetune_steps):
-        loss = flow_loss(
-            transformer,
-            data.latents,
-            data.texts,
-            data.empty,
-            frames,
-            recipe.finetune_batch,
-            recipe,
-            device,
-            g,
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    bar.close()
+    losses = _optimise(
+        list(transformer.parameters()),
+        opt,
+        None,
+        recipe.finetune_steps,
+        f"DiT fine-tune {frames} latent frames",
+        lambda: flow_loss(transformer, data, frames, recipe.finetune_batch, recipe, device, g),
+    )
     transformer.eval()
-    tail = losses[-50:]
-    return {"steps": recipe.finetune_steps, "final_loss": sum(tail) / max(len(tail), 1)}
+    return {"steps": recipe.finetune_steps, "final_loss": _tail_mean(losses)}
 
 
 @dataclass
 class LatentData:
     latents: torch.Tensor  # normalised posterior means (N, C, F', H', W')
-    texts: torch.Tensor  # (N, 512, text dim) prompt embeddings, padded as WanPipeline pads them
+    texts: torch.Tensor  # (N, text length, text dim) prompt embeddings, zero-padded as WanPipeline pads them
     empty: torch.Tensor  # the empty prompt's embedding (classifier-free guidance dropout)
     mean: torch.Tensor
     std: torch.Tensor
@@ -400,30 +399,23 @@ def train_transformer(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     transformer.train()
     report = []
+    params = list(transformer.parameters())
     for lat_frames, batch, steps in recipe.dit_phases:
-        losses: list[float] = []
         start = time.perf_counter()
-        bar = _progress(steps, f"DiT {lat_frames} latent frames")
-        for _ in range(steps):
-            loss = flow_loss(
-                transformer, data.latents, data.texts, data.empty, lat_frames, batch, recipe, device, g
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        bar.close()
-        tail = losses[-50:]
+        losses = _optimise(
+            params,
+            opt,
+            sched,
+            steps,
+            f"DiT {lat_frames} latent frames",
+            lambda: flow_loss(transformer, data, lat_frames, batch, recipe, device, g),  # noqa: B023
+        )
         report.append(
             {
                 "latent_frames": lat_frames,
                 "batch": batch,
                 "steps": steps,
-                "final_loss": sum(tail) / max(len(tail), 1),
+                "final_loss": _tail_mean(losses),
                 "seconds": round(time.perf_counter() - start, 1),
             }
         )
