@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_wan import tiny_wan_transformer
+from tiny_wan import tiny_text_wan_pipeline, tiny_wan_transformer
 
 from dit_sparse import Profile
 from dit_sparse.cli import build_parser, main
@@ -22,31 +22,9 @@ PROMPTS = ["a red circle moving left", "a blue square moving up"]
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
     words = ["<pad>", "</s>", "<unk>", "a", "red", "circle", "moving", "left", "blue", "square", "up"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
-    ).eval()
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
-    transformer = tiny_wan_transformer()
-    pipe = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        transformer=transformer,
-    )
+    pipe = tiny_text_wan_pipeline(words)
+    transformer = pipe.transformer
     root = tmp_path_factory.mktemp("eval-models")
     pipe.save_pretrained(root / "tiny-wan")
     Profile.uniform(transformer, "window", {"f": 0, "h": 1, "w": 1}, block_size=16).save(root / "window.json")
