@@ -29,7 +29,6 @@ import datetime as dt
 import functools
 import gc
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -51,7 +50,6 @@ from .e2e_args import (
     unknown_model_message,
 )
 from .kernel import (
-    _cpu_name,
     _flatten,
     _fmt,
     _fmt_x,
@@ -61,7 +59,7 @@ from .kernel import (
     format_markdown,
     format_plain,
     resolve_device,
-    versions,
+    result_header,
     write_results,
 )
 from .kernel_args import BLOCK_SIZES, density_out_of_range_message
@@ -895,24 +893,14 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, P
 
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
-    gpu = torch.cuda.get_device_name() if settings.device == "cuda" else None
-    result: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "benchmark": "dit-sparse bench e2e",
-        "device": settings.device,
-        "gpu": gpu,
-        "device_name": gpu or _cpu_name(),
-        "note": settings.note,
-        "versions": {**versions(), "diffusers": diffusers.__version__},
-        "command": shlex.join(sys.argv),
-        "argv": list(sys.argv),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": None,
-        "wall_s": None,
-        "settings": settings.to_json(),
-        "models": [],
-        "rows": [],
-    }
+    result = result_header(
+        "dit-sparse bench e2e",
+        settings,
+        started,
+        SCHEMA_VERSION,
+        {"diffusers": diffusers.__version__},
+        lists=("models",),
+    )
     head = f"dit-sparse bench e2e on {result['device_name']} ({settings.device}, {settings.dtype_name})"
     log(head + (f": {settings.note}" if settings.note else ""))
     for spec in settings.models:

@@ -821,6 +821,36 @@ def write_results(
     return json_path, md_path
 
 
+def result_header(
+    benchmark: str,
+    settings: Any,
+    started: dt.datetime,
+    schema_version: int = SCHEMA_VERSION,
+    extra_versions: dict[str, str] | None = None,
+    lists: tuple[str, ...] = ("shapes",),
+) -> dict[str, Any]:
+    """The provenance every benchmark JSON starts with: device, versions, command, start time, settings; then the
+    empty ``lists`` (what was measured) and ``rows``; ``finished_at`` / ``wall_s`` are filled in at the end."""
+    gpu = torch.cuda.get_device_name() if settings.device == "cuda" else None
+    return {
+        "schema_version": schema_version,
+        "benchmark": benchmark,
+        "device": settings.device,
+        "gpu": gpu,
+        "device_name": gpu or _cpu_name(),
+        "note": settings.note,
+        "versions": {**versions(), **(extra_versions or {})},
+        "command": shlex.join(sys.argv),
+        "argv": list(sys.argv),
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": None,
+        "wall_s": None,
+        "settings": settings.to_json(),
+        **{name: [] for name in lists},
+        "rows": [],
+    }
+
+
 def run_benchmark(
     benchmark: str,
     settings: Any,
@@ -836,24 +866,7 @@ def run_benchmark(
     tables, and the never-overwriting JSON + Markdown write."""
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
-    gpu = torch.cuda.get_device_name() if settings.device == "cuda" else None
-    result: dict[str, Any] = {
-        "schema_version": schema_version,
-        "benchmark": benchmark,
-        "device": settings.device,
-        "gpu": gpu,
-        "device_name": gpu or _cpu_name(),
-        "note": settings.note,
-        "versions": versions(),
-        "command": shlex.join(sys.argv),
-        "argv": list(sys.argv),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": None,
-        "wall_s": None,
-        "settings": settings.to_json(),
-        "shapes": [],
-        "rows": [],
-    }
+    result = result_header(benchmark, settings, started, schema_version)
     head = f"{benchmark} on {result['device_name']} ({settings.device}, {settings.dtype_name})"
     log(head + (f": {settings.note}" if settings.note else ""))
     for shape in settings.shapes:
