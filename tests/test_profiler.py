@@ -19,6 +19,7 @@ from dit_sparse.profiler import (
     call_stats,
     candidate_grid,
     candidate_masks,
+    candidate_perms,
     choose_heads,
     profile_pipeline,
     read_prompts,
@@ -107,6 +108,64 @@ def test_search_assigns_local_pattern_to_planted_local_head_and_keeps_global_hea
         q.double(), k.double(), v.double(), m[None], layout.block_size, torch.arange(layout.seq_len)
     )
     assert float(oracle[0, 0]) <= 0.05
+
+
+def test_call_stats_of_reordering_candidates_match_brute_force_in_permuted_order():
+    torch.manual_seed(3)
+    bs, n = 16, 70  # partial last block
+    nb = -(-n // bs)
+    q, k, v = (torch.randn(1, 2, n, 24) for _ in range(3))
+    masks = torch.rand(4, nb, nb) > 0.6
+    masks[:, torch.arange(nb), torch.arange(nb)] = True
+    p1, p2 = torch.randperm(n), torch.randperm(n)
+    perms = [None, p1, p2, p1]
+    for max_blocks in (100, 2):
+        st = call_stats(q, k, v, masks, bs, max_query_blocks=max_blocks, chunk_elems=300, perms=perms)
+        rows = block_rows(sample_query_blocks(nb, max_blocks), bs, n)  # rows of the (permuted) sequence
+        got = (st.err_sq / st.ref_sq).sqrt()  # (C, H)
+        for c, perm in enumerate(perms):
+            idx = torch.arange(n) if perm is None else perm
+            qq, kk, vv = (x.double()[:, :, idx] for x in (q, k, v))
+            expect = _oracle_errors(qq, kk, vv, masks[c : c + 1], bs, rows)[0]
+            torch.testing.assert_close(got[c], expect, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="permutations"):
+        call_stats(q, k, v, masks, bs, perms=[None])
+
+
+def test_search_reorders_a_planted_temporal_head():
+    """A head that attends the same (h, w) in every frame is a strided pattern in raster order and a band in the
+    H-W-F order: the search gives it a reordering whose error, measured independently in fp64, fits the budget."""
+    layout = MaskLayout((8, 6, 6), block_size=16)  # 288 tokens, 18 blocks; a frame is 2.25 blocks
+    coords = layout.token_coords()
+    feats = torch.cat([_fourier(coords[:, a], 24, 0.5) for a in (1, 2)], dim=1)  # (h, w) only
+    q = k = (8.0 * feats).float()[None, None]  # (1, 1, N, 48)
+    v = torch.randn(1, 1, layout.seq_len, 48, generator=torch.Generator().manual_seed(0))
+    cands, masks = candidate_masks(candidate_grid(layout), layout)
+    perms = candidate_perms(cands, layout)
+    names = [c[0] for c in cands]
+    assert names.count("reorder_window") >= 5, (
+        "the six axis orders (raster order dropped when it repeats a mask)"
+    )
+    st = call_stats(q, k, v, masks, layout.block_size, max_query_blocks=64, perms=perms)
+    err = (st.err_sq / st.ref_sq).sqrt()  # (C, 1)
+    blocks = masks.flatten(1).sum(1).double()
+    reorders = torch.tensor([p is not None for p in perms])
+    r = search(err[None, None], [0], 4, blocks, names.index("dense"), CHEAP_SPARSE, 0.05, reorders)
+    name, params = cands[r.choice[0][0]]
+    assert name == "reorder_window" and params["order"] in ("HWF", "WHF"), (name, params)
+    raster_fits = [c for c in range(len(cands)) if not reorders[c] and float(err[c, 0]) <= 0.05]
+    assert float(blocks[r.choice[0][0]]) < min(float(blocks[c]) for c in raster_fits)
+    perm = perms[r.choice[0][0]]
+    qq, kk, vv = (x.double()[:, :, perm] for x in (q, k, v))
+    oracle = _oracle_errors(
+        qq, kk, vv, masks[r.choice[0][0]][None], layout.block_size, torch.arange(layout.seq_len)
+    )
+    assert float(oracle[0, 0]) <= 0.05
+    # the permutation's cost counts: when it is dearer than the blocks it saves, the layer stays in raster order
+    dear = CostModel(0.0, 1e-6, 1.0, permute_s=1e-6 * float(blocks.max()))
+    r2 = search(err[None, None], [0], 4, blocks, names.index("dense"), dear, 0.05, reorders)
+    assert not bool(reorders[r2.choice[0][0]])
+    assert r2.predicted_seconds == pytest.approx(4 * 1e-6 * min(float(blocks[c]) for c in raster_fits))
 
 
 def test_choose_heads_and_search_rules():

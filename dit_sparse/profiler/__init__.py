@@ -9,7 +9,15 @@
 from __future__ import annotations
 
 from .run import ProfileConfig, ProfilerError, profile_pipeline, read_prompts
-from .search import CostModel, calibrate_cost_model, candidate_grid, candidate_masks, choose_heads, search
+from .search import (
+    CostModel,
+    calibrate_cost_model,
+    candidate_grid,
+    candidate_masks,
+    candidate_perms,
+    choose_heads,
+    search,
+)
 from .stats import call_stats
 
 __all__ = [
@@ -20,6 +28,7 @@ __all__ = [
     "call_stats",
     "candidate_grid",
     "candidate_masks",
+    "candidate_perms",
     "choose_heads",
     "profile_pipeline",
     "read_prompts",

@@ -35,6 +35,7 @@ from .search import (
     calibrate_cost_model,
     candidate_grid,
     candidate_masks,
+    candidate_perms,
     describe,
     mean_density,
     search,
@@ -143,6 +144,7 @@ class Collector:
             tuple[int, int], list[torch.Tensor]
         ] = {}  # (layer, step) -> [err_sq (C,H), ref_sq (H,)]
         self.masks: torch.Tensor | None = None
+        self.perms: list[torch.Tensor | None] = []
         self.bar = bar
 
     def bind(self, binding: Any) -> Callable[..., None]:
@@ -155,7 +157,14 @@ class Collector:
             self._setup(inputs.grid, inputs.num_text, inputs.text_first, q)
             assert self.masks is not None
             st = call_stats(
-                q, k, v, self.masks, self.state["block_size"], self.cfg.max_query_blocks, self.cfg.impl
+                q,
+                k,
+                v,
+                self.masks,
+                self.state["block_size"],
+                self.cfg.max_query_blocks,
+                self.cfg.impl,
+                perms=self.perms,
             )
             slot = self.acc.setdefault(
                 (layer, step), [torch.zeros_like(st.err_sq), torch.zeros_like(st.ref_sq)]
@@ -182,6 +191,7 @@ class Collector:
         if self.masks is None:
             cands = candidate_grid(layout)
             kept, self.masks = candidate_masks(cands, layout)
+            self.perms = candidate_perms(kept, layout)
             names = [describe(c) for c in kept]
             if "candidates" in st and st["candidates"] != names:
                 raise ProfilerError("the checkpoint's candidate patterns differ from this run's; use --force")
@@ -376,14 +386,17 @@ def _search(base: Profile, cfg: ProfileConfig, data: dict[str, Any]) -> tuple[Pr
     blocks = masks.flatten(1).sum(dim=1).double()  # (C,)
     total = layout.num_blocks**2
     dense_index = [n for n, _ in specs].index("dense")
+    reorders = torch.tensor([p is not None for p in candidate_perms(specs, layout)])
     steps = list(cfg.sample_steps or [])
     errors = error_tensor(data, base.fingerprint.num_layers, steps)
     cost = CostModel.from_dict(state["cost"])
     if cfg.density is not None:
-        result = search_density(errors, steps, cfg.steps, blocks, dense_index, cost, cfg.density, total)
+        result = search_density(
+            errors, steps, cfg.steps, blocks, dense_index, cost, cfg.density, total, reorders
+        )
     else:
         assert cfg.budget is not None
-        result = search(errors, steps, cfg.steps, blocks, dense_index, cost, cfg.budget)
+        result = search(errors, steps, cfg.steps, blocks, dense_index, cost, cfg.budget, reorders)
     prof = base
     prof.block_size = state["block_size"]
     prof.layers = [

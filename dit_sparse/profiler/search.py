@@ -2,18 +2,24 @@
 
 Cost model (calibrated on the real kernel, ``impl`` as used at generation time, at the captured attention shape):
 
-    sparse layer call:  t = overhead_s + per_block_s · Σ_heads computed_blocks(head)
+    sparse layer call:  t = overhead_s + per_block_s · Σ_heads computed_blocks(head) [+ permute_s]
     dense layer call:   t = dense_s   (the model's own SDPA; a layer whose heads are all dense runs it)
+
+``permute_s`` is paid once per layer call when any head of the layer reorders its tokens (``reorder_window``,
+PARO): the kernel gathers q, k, v and scatters the output for all heads at once.
 
 ``per_block_s`` and ``overhead_s`` come from timing ``sparse_attention`` at two densities (every block, and a
 block-diagonal band of about a quarter of the blocks): the slope between the two is the cost of one (query block,
 key block) pair over all heads divided by H, the intercept the per-call overhead (index building, launch). ``dense_s``
-times ``scaled_dot_product_attention`` on the same shape. Partial blocks cost as much as full ones (the kernel
+times ``scaled_dot_product_attention`` on the same shape; ``permute_s`` is the extra time of the same band call with
+a token permutation. Partial blocks cost as much as full ones (the kernel
 computes whole tiles).
 
 Search, per layer and head: the cheapest candidate (fewest computed blocks; ties: lower error, then candidate
 order) whose worst relative output error over the calibration samples and the sampled sparse steps fits the budget;
-``dense`` always fits. Then per layer: if the predicted sparse call is not cheaper than dense, the layer runs dense.
+``dense`` always fits. A layer where some head picked a reordering is also priced with its heads restricted to
+raster-order candidates (no ``permute_s``), and the cheaper of the two is kept. Then per layer: if the predicted
+sparse call is not cheaper than dense, the layer runs dense.
 Then the dense warm-up: every ``w`` in ``{0} ∪ {s + 1 : s sampled}`` is tried (steps before ``w`` dense, errors of
 steps ``>= w`` only), and the ``w`` with the lowest predicted total attention time wins (ties: smaller ``w``).
 """
@@ -27,14 +33,16 @@ from typing import Any
 
 import torch
 
-from ..patterns import MaskLayout, build_layer_mask, pattern_name
+from ..patterns import MaskLayout, build_layer_mask, build_pattern_perm, pattern_name
+from ..patterns.reorder import AXIS_ORDERS
 
 Candidate = tuple[str, dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------------------ candidates
 def candidate_grid(layout: MaskLayout) -> list[Candidate]:
-    """Static patterns with small parameter grids scaled to the latent grid, plus ``dense`` and ``skip``.
+    """Static patterns with small parameter grids scaled to the latent grid, the six axis reorderings (PARO
+    ``reorder_window``: a band of neighbour blocks in F/H/W order), plus ``dense`` and ``skip``.
 
     Order matters only for ties (earlier wins) and de-duplication (the first of identical masks is kept)."""
     grid_f, grid_h, grid_w = layout.grid
@@ -59,23 +67,40 @@ def candidate_grid(layout: MaskLayout) -> list[Candidate]:
     for width in sorted({bs, 4 * bs, 2 * frame}):
         cands.append(("diagonal", {"width": width, "order": "token"}))
     cands.append(("stripe", {"positions": [0], "width": frame, "order": "token"}))
+    video_blocks = -(-layout.num_video // bs)
+    for order in AXIS_ORDERS:
+        for blocks in sorted({1, max(1, video_blocks // 16), max(1, video_blocks // 8)}):
+            cands.append(("reorder_window", {"order": order, "blocks": blocks}))
     return cands
 
 
 def candidate_masks(cands: list[Candidate], layout: MaskLayout) -> tuple[list[Candidate], torch.Tensor]:
-    """Masks ``bool (C, nB, nB)`` (text forced dense) for the candidates; later duplicates of a mask are dropped."""
+    """Masks ``bool (C, nB, nB)`` (text forced dense; a reordering candidate's mask is in its permuted order) for the
+    candidates; later duplicates (same mask and same token order) are dropped."""
     kept: list[Candidate] = []
     masks: list[torch.Tensor] = []
     seen: set[bytes] = set()
     for name, params in cands:
         m = build_layer_mask([(name, params)], layout, "cpu")[0, 0]  # (nB, nB)
-        key = m.numpy().tobytes()
+        perm = build_pattern_perm(name, params, layout, "cpu")
+        if perm is not None and torch.equal(perm, torch.arange(layout.seq_len)):
+            perm = None  # the raster order ("FHW"): same attention as the mask alone
+        key = m.numpy().tobytes() + (b"" if perm is None else perm.numpy().tobytes())
         if name != "dense" and key in seen:  # "dense" stays even if "full"-shaped (it runs SDPA)
             continue
         seen.add(key)
         kept.append((name, params))
         masks.append(m)
     return kept, torch.stack(masks)
+
+
+def candidate_perms(cands: list[Candidate], layout: MaskLayout) -> list[torch.Tensor | None]:
+    """Each candidate's token permutation ``int64 [N]`` (None: raster order; the identity counts as None)."""
+    out: list[torch.Tensor | None] = []
+    for name, params in cands:
+        perm = build_pattern_perm(name, params, layout, "cpu")
+        out.append(None if perm is None or torch.equal(perm, torch.arange(layout.seq_len)) else perm)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ cost model
@@ -87,9 +112,10 @@ class CostModel:
     per_block_s: float  # one (query block, key block) pair of one head
     dense_s: float
     source: str = "given"
+    permute_s: float = 0.0  # gather q/k/v + scatter o, once per layer call when any head reorders
 
-    def sparse_call(self, blocks: float) -> float:
-        return self.overhead_s + self.per_block_s * blocks
+    def sparse_call(self, blocks: float, reorders: bool = False) -> float:
+        return self.overhead_s + self.per_block_s * blocks + (self.permute_s if reorders else 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +123,11 @@ class CostModel:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CostModel:
         return cls(
-            float(d["overhead_s"]), float(d["per_block_s"]), float(d["dense_s"]), str(d.get("source", ""))
+            float(d["overhead_s"]),
+            float(d["per_block_s"]),
+            float(d["dense_s"]),
+            str(d.get("source", "")),
+            float(d.get("permute_s", 0.0)),
         )
 
 
@@ -123,7 +153,8 @@ def calibrate_cost_model(
     impl: str = "auto",
     reps: int = 3,
 ) -> CostModel:
-    """Time the real kernel at two densities (every block; a band of ~1/4 of the blocks) and dense SDPA."""
+    """Time the real kernel at two densities (every block; a band of ~1/4 of the blocks), the band again with a
+    token permutation, and dense SDPA."""
     from ..kernels import sparse_attention
 
     bsz, heads, n, dim = shape
@@ -136,11 +167,21 @@ def calibrate_cost_model(
     band = ((idx[:, None] - idx[None, :]).abs() <= radius)[None, None]  # ~1/4 of the blocks
     t_full = _median_time(lambda: sparse_attention(q, k, v, full, block_size, impl=impl), reps, device)
     t_band = _median_time(lambda: sparse_attention(q, k, v, band, block_size, impl=impl), reps, device)
+    perm = torch.randperm(n, generator=g).to(device).view(1, 1, n)
+    t_perm = _median_time(
+        lambda: sparse_attention(q, k, v, band, block_size, impl=impl, perm=perm), reps, device
+    )
     t_dense = _median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps, device)
     b_full, b_band = heads * nb * nb, heads * int(band.sum())
     per_block = max((t_full - t_band) / max(1, b_full - b_band), 1e-12)  # slope per (head, block pair)
     overhead = max(t_full - per_block * b_full, 0.0)
-    return CostModel(overhead, per_block, t_dense, source=f"timed {impl} on {device.type} {shape}")
+    return CostModel(
+        overhead,
+        per_block,
+        t_dense,
+        source=f"timed {impl} on {device.type} {shape}",
+        permute_s=max(t_perm - t_band, 0.0),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -155,9 +196,16 @@ class SearchResult:
     budget: float
 
 
-def choose_heads(errors: torch.Tensor, blocks: torch.Tensor, budget: float, dense_index: int) -> torch.Tensor:
+def choose_heads(
+    errors: torch.Tensor,
+    blocks: torch.Tensor,
+    budget: float,
+    dense_index: int,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``errors (S, C, H)`` worst error per sampled step; ``blocks (C,)`` computed blocks per head. Returns the
-    chosen candidate per head ``(H,)``: fewest blocks with ``max_s errors <= budget``; ties: lower error, index."""
+    chosen candidate per head ``(H,)``: fewest blocks with ``max_s errors <= budget``; ties: lower error, index.
+    ``allowed`` (bool ``(C,)``): only these candidates (and dense) may be chosen."""
     worst = errors.amax(dim=0) if errors.shape[0] else torch.zeros(errors.shape[1:], dtype=errors.dtype)
     num_c, num_h = worst.shape
     out = []
@@ -165,7 +213,7 @@ def choose_heads(errors: torch.Tensor, blocks: torch.Tensor, budget: float, dens
         keys = [
             (float(blocks[c]), float(worst[c, h]), c)
             for c in range(num_c)
-            if c == dense_index or float(worst[c, h]) <= budget
+            if c == dense_index or (float(worst[c, h]) <= budget and (allowed is None or bool(allowed[c])))
         ]
         out.append(min(keys)[2])
     return torch.tensor(out, dtype=torch.long)
@@ -179,9 +227,10 @@ def search(
     dense_index: int,
     cost: CostModel,
     budget: float,
+    reorders: torch.Tensor | None = None,
 ) -> SearchResult:
     """``errors (L, S, C, H)``: worst relative error over calibration samples per (layer, sampled step,
-    candidate, head). See the module docstring for the rules."""
+    candidate, head); ``reorders`` (bool ``(C,)``): candidates that permute tokens. See the module docstring."""
     if budget < 0 or math.isnan(budget):
         raise ValueError(f"budget must be a relative error >= 0, got {budget}")
     num_layers = errors.shape[0]
@@ -198,6 +247,12 @@ def search(
             c = choose_heads(e, blocks, budget, dense_index)
             heads_worst = e.amax(dim=0) if len(keep) else torch.zeros(errors.shape[2:], dtype=errors.dtype)
             sparse_t = cost.sparse_call(float(blocks[c].sum()))
+            if reorders is not None and bool(reorders[c].any()):
+                sparse_t = cost.sparse_call(float(blocks[c].sum()), reorders=True)
+                c_raster = choose_heads(e, blocks, budget, dense_index, allowed=~reorders)
+                raster_t = cost.sparse_call(float(blocks[c_raster].sum()))
+                if raster_t <= sparse_t:
+                    c, sparse_t = c_raster, raster_t
             if bool((c == dense_index).all()) or sparse_t >= cost.dense_s:
                 c = torch.full((num_heads,), dense_index, dtype=torch.long)
                 dense_layers.append(layer)
@@ -222,6 +277,7 @@ def search_density(
     cost: CostModel,
     target: float,
     total_blocks: int,
+    reorders: torch.Tensor | None = None,
 ) -> SearchResult:
     """The smallest error budget whose profile has mean head density ``<= target`` (density of a head = its
     candidate's blocks / all blocks; dense layers count 1). If even the loosest budget misses the target, that
@@ -233,13 +289,13 @@ def search_density(
     lo, hi = 0, len(budgets) - 1
     while lo <= hi:  # density is non-increasing in the budget: bisect
         mid = (lo + hi) // 2
-        r = search(errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[mid])
+        r = search(errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[mid], reorders)
         if mean_density(r, blocks, total_blocks) <= target:
             result, hi = r, mid - 1
         else:
             lo = mid + 1
     if result is None:
-        result = search(errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[-1])
+        result = search(errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[-1], reorders)
     return result
 
 

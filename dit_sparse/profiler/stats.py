@@ -9,6 +9,11 @@ For one self-attention call (q, k, v ``(B, H, N, D)``) and a list of candidate b
   ``O`` is exact fp32 softmax attention and ``O_c`` is :func:`dit_sparse.kernels.sparse_attention` (the kernel that
   will run, ``impl`` as requested) with the candidate's mask.
 
+A candidate that reorders tokens (``perms[c]``, PARO's axis orders) has its mask in permuted order: its error and
+coverage are measured the same way on the permuted q/k/v (the sampled query blocks are then blocks of the permuted
+sequence, with their own exact reference), and its squared error is rescaled to the raster sample's reference norm
+so that ``sqrt(err_sq / ref_sq)`` is its relative error like every other candidate's.
+
 Memory: dense rows are computed in chunks of query rows so that at most ``chunk_elems`` scores (``B·H·rows·N``)
 exist at once; candidates run one at a time over the sampled rows only. Sampling: ``max_query_blocks`` query blocks
 evenly spaced over the sequence (always all of them when there are fewer), so the errors are exact for small
@@ -97,9 +102,11 @@ def call_stats(
     impl: str = "auto",
     scale: float | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    perms: list[torch.Tensor | None] | None = None,
 ) -> CallStats:
     """Statistics of one self-attention call. ``q, k, v``: ``(B, H, N, D)``; ``masks``: bool ``(C, nB, nB)`` one
-    per candidate (text rows/columns already forced)."""
+    per candidate (text rows/columns already forced); ``perms``: per candidate None (raster order) or its token
+    permutation ``int64 [N]`` (permuted position ``i`` holds token ``perm[i]``; its mask is in that order)."""
     from ..kernels import sparse_attention
 
     n = q.shape[2]
@@ -109,18 +116,41 @@ def call_stats(
     sel = sample_query_blocks(nb, max_query_blocks)  # (nSel,)
     rows = block_rows(sel, block_size, n)  # (R,)
     ref, mass = dense_rows_and_mass(q, k, v, rows, sel, block_size, scale, chunk_elems)
-    q_sub = q[:, :, rows.to(q.device)]  # (B, H, R, D): block i of q_sub = sampled block sel[i]
-    masks = masks.to(q.device)
-    err = []
-    for c in range(masks.shape[0]):
-        m = masks[c][sel.to(q.device)][None, None]  # (1, 1, nSel, nB)
-        o = sparse_attention(q_sub, k, v, m, block_size, scale, impl=impl).float()  # (B, H, R, D)
-        err.append(((o - ref).double() ** 2).sum(dim=(0, 2, 3)))  # (H,)
     ref_sq = (ref.double() ** 2).sum(dim=(0, 2, 3))
-    mass = mass.mean(dim=0)  # (H, nSel, nB)
-    sel_masks = masks[:, sel.to(q.device)].double()  # (C, nSel, nB)
-    coverage = torch.einsum("csk,hsk->ch", sel_masks, mass) / len(sel)
-    return CallStats(torch.stack(err).cpu(), ref_sq.cpu(), mass.cpu(), coverage.cpu())
+    masks = masks.to(q.device)
+    sel_dev = sel.to(q.device)
+    perms = perms if perms is not None else [None] * masks.shape[0]
+    if len(perms) != masks.shape[0]:
+        raise ValueError(f"{len(perms)} permutations for {masks.shape[0]} candidate masks")
+    groups: dict[bytes, list[int]] = {}
+    for c, perm in enumerate(perms):
+        groups.setdefault(b"" if perm is None else perm.cpu().numpy().tobytes(), []).append(c)
+    err: list[torch.Tensor] = [ref_sq] * masks.shape[0]
+    coverage: list[torch.Tensor] = [ref_sq] * masks.shape[0]
+    for members in groups.values():
+        perm = perms[members[0]]
+        if perm is None:
+            qq, kk, vv, ref_g, mass_g, scale_g = q, k, v, ref, mass, None
+        else:
+            p = perm.to(q.device)
+            qq, kk, vv = q.index_select(2, p), k.index_select(2, p), v.index_select(2, p)
+            ref_g, mass_g = dense_rows_and_mass(qq, kk, vv, rows, sel, block_size, scale, chunk_elems)
+            ref_sq_g = (ref_g.double() ** 2).sum(dim=(0, 2, 3))
+            # rescale to the raster sample's reference norm: err_sq / ref_sq is then this sample's ratio
+            scale_g = torch.where(
+                ref_sq_g > 0, ref_sq / ref_sq_g.clamp(min=torch.finfo(torch.float64).tiny), 1.0
+            )
+        q_sub = qq[:, :, rows.to(q.device)]  # (B, H, R, D): block i of q_sub = sampled block sel[i]
+        mass_mean = mass_g.mean(dim=0)  # (H, nSel, nB)
+        for c in members:
+            m = masks[c][sel_dev][None, None]  # (1, 1, nSel, nB)
+            o = sparse_attention(q_sub, kk, vv, m, block_size, scale, impl=impl).float()  # (B, H, R, D)
+            e = ((o - ref_g).double() ** 2).sum(dim=(0, 2, 3))  # (H,)
+            err[c] = e if scale_g is None else e * scale_g
+            coverage[c] = torch.einsum("sk,hsk->h", masks[c][sel_dev].double(), mass_mean) / len(sel)
+    return CallStats(
+        torch.stack(err).cpu(), ref_sq.cpu(), mass.mean(dim=0).cpu(), torch.stack(coverage).cpu()
+    )
 
 
 def relative_error(err_sq: torch.Tensor, ref_sq: torch.Tensor) -> torch.Tensor:
