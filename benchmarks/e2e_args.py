@@ -214,60 +214,41 @@ GPU_MODELS: tuple[E2EModel, ...] = (
     ),
 )
 
+
+def _tiny_wan(key: str, layers: int, latent: tuple[int, int, int, int]) -> E2EModel:
+    """A tiny Wan stand-in for ``key``: ``layers`` layers of 2 heads × 64 on a ``latent`` (C, F, H, W) input."""
+    return E2EModel(
+        key,
+        f"tiny Wan ({layers} layers, 2×64)",
+        "wan",
+        "WanTransformer3DModel",
+        _frozen(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=64,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=32,
+            ffn_dim=128,
+            num_layers=layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=64,
+        ),
+        latent,
+        16,
+        True,
+        "tiny",
+        "tiny config",
+        tiny=True,
+    )
+
+
 # Same classes and code path, a few hundred tokens each (grids not multiples of the block), 2 heads × 64.
 TINY_MODELS: tuple[E2EModel, ...] = (
-    E2EModel(
-        "wan2.1-1.3b-480p",
-        "tiny Wan (2 layers, 2×64)",
-        "wan",
-        "WanTransformer3DModel",
-        _frozen(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=64,
-            in_channels=16,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=32,
-            ffn_dim=128,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=64,
-        ),
-        (16, 5, 16, 24),
-        16,
-        True,
-        "tiny",
-        "tiny config",
-        tiny=True,
-    ),
-    E2EModel(
-        "wan2.1-14b-720p",
-        "tiny Wan (3 layers, 2×64)",
-        "wan",
-        "WanTransformer3DModel",
-        _frozen(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=64,
-            in_channels=16,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=32,
-            ffn_dim=128,
-            num_layers=3,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=64,
-        ),
-        (16, 5, 16, 28),
-        16,
-        True,
-        "tiny",
-        "tiny config",
-        tiny=True,
-    ),
+    _tiny_wan("wan2.1-1.3b-480p", 2, (16, 5, 16, 24)),
+    _tiny_wan("wan2.1-14b-720p", 3, (16, 5, 16, 28)),
     E2EModel(
         "hunyuanvideo-720p",
         "tiny HunyuanVideo (1+1 blocks, 2×64)",
