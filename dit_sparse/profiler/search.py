@@ -82,9 +82,7 @@ def candidate_masks(cands: list[Candidate], layout: MaskLayout) -> tuple[list[Ca
     seen: set[bytes] = set()
     for name, params in cands:
         m = build_layer_mask([(name, params)], layout, "cpu")[0, 0]  # (nB, nB)
-        perm = build_pattern_perm(name, params, layout, "cpu")
-        if perm is not None and torch.equal(perm, torch.arange(layout.seq_len)):
-            perm = None  # the raster order ("FHW"): same attention as the mask alone
+        perm = _candidate_perm((name, params), layout)
         key = m.numpy().tobytes() + (b"" if perm is None else perm.numpy().tobytes())
         if name != "dense" and key in seen:  # "dense" stays even if "full"-shaped (it runs SDPA)
             continue
@@ -96,11 +94,14 @@ def candidate_masks(cands: list[Candidate], layout: MaskLayout) -> tuple[list[Ca
 
 def candidate_perms(cands: list[Candidate], layout: MaskLayout) -> list[torch.Tensor | None]:
     """Each candidate's token permutation ``int64 [N]`` (None: raster order; the identity counts as None)."""
-    out: list[torch.Tensor | None] = []
-    for name, params in cands:
-        perm = build_pattern_perm(name, params, layout, "cpu")
-        out.append(None if perm is None or torch.equal(perm, torch.arange(layout.seq_len)) else perm)
-    return out
+    return [_candidate_perm(cand, layout) for cand in cands]
+
+
+def _candidate_perm(cand: Candidate, layout: MaskLayout) -> torch.Tensor | None:
+    perm = build_pattern_perm(cand[0], cand[1], layout, "cpu")
+    if perm is None or torch.equal(perm, torch.arange(layout.seq_len)):
+        return None  # the raster order ("FHW" too): the same attention as the mask alone
+    return perm
 
 
 # ------------------------------------------------------------------------------------------------ cost model
@@ -246,9 +247,9 @@ def search(
             e = errors[layer, keep]  # (S', C, H)
             c = choose_heads(e, blocks, budget, dense_index)
             heads_worst = e.amax(dim=0) if len(keep) else torch.zeros(errors.shape[2:], dtype=errors.dtype)
-            sparse_t = cost.sparse_call(float(blocks[c].sum()))
-            if reorders is not None and bool(reorders[c].any()):
-                sparse_t = cost.sparse_call(float(blocks[c].sum()), reorders=True)
+            reordered = reorders is not None and bool(reorders[c].any())
+            sparse_t = cost.sparse_call(float(blocks[c].sum()), reorders=reordered)
+            if reorders is not None and reordered:
                 c_raster = choose_heads(e, blocks, budget, dense_index, allowed=~reorders)
                 raster_t = cost.sparse_call(float(blocks[c_raster].sum()))
                 if raster_t <= sparse_t:

@@ -125,8 +125,8 @@ def call_stats(
     groups: dict[bytes, list[int]] = {}
     for c, perm in enumerate(perms):
         groups.setdefault(b"" if perm is None else perm.cpu().numpy().tobytes(), []).append(c)
-    err: list[torch.Tensor] = [ref_sq] * masks.shape[0]
-    coverage: list[torch.Tensor] = [ref_sq] * masks.shape[0]
+    err: dict[int, torch.Tensor] = {}  # candidate -> (H,), filled group by group
+    coverage: dict[int, torch.Tensor] = {}
     for members in groups.values():
         perm = perms[members[0]]
         if perm is None:
@@ -148,8 +148,12 @@ def call_stats(
             e = ((o - ref_g).double() ** 2).sum(dim=(0, 2, 3))  # (H,)
             err[c] = e if scale_g is None else e * scale_g
             coverage[c] = torch.einsum("sk,hsk->h", masks[c][sel_dev].double(), mass_mean) / len(sel)
+    order = range(masks.shape[0])
     return CallStats(
-        torch.stack(err).cpu(), ref_sq.cpu(), mass.mean(dim=0).cpu(), torch.stack(coverage).cpu()
+        torch.stack([err[c] for c in order]).cpu(),
+        ref_sq.cpu(),
+        mass.mean(dim=0).cpu(),
+        torch.stack([coverage[c] for c in order]).cpu(),
     )
 
 
