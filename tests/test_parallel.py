@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from ranks import run_ranks
 
 import dit_sparse
 from dit_sparse import Profile, parallel
@@ -55,7 +54,6 @@ FULL_GRID = {"wan": (3, 4, 6), "flux": (1, 8, 9)}
 WINDOW = ("window", {"f": 0, "h": 1, "w": 1})
 WINDOW_HEAD_1 = ("window", {"f": 0, "h": 0, "w": 0})
 SPARSE_REL_TOL = 1e-5  # fp32 rounding of sharded vs whole projections, through 2 layers × 2 steps × CFG
-WORKER_TIMEOUT_S = 300  # the workers take a few seconds; a hang (e.g. a gloo rendezvous) fails instead
 
 
 # ---------------------------------------------------------------------------------------------------- pure layout
@@ -379,54 +377,23 @@ CASES["wan-sparse-oneliner"] = ("wan", "sparse", {"ulysses_degree": 2}, {"order"
 CASES["wan-dense-oneliner-after"] = ("wan", "dense", {"ulysses_degree": 2}, {"order": "oneliner-after-cp"})
 
 
-def _worker(rank: int, world: int, port: int, path: str) -> None:
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, world: int, path: str) -> None:
     # The documented patch (module docstring): diffusers needs a non-zero device count; CPU-only torch reports 0.
     torch.accelerator.device_count = lambda: 1  # type: ignore[method-assign]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results: dict[str, Any] = {name: _case(m, k, cp, **opts) for name, (m, k, cp, opts) in CASES.items()}
-        results["balanced_orders"] = [o for o in parallel._BALANCE_CACHE.values() if o is not None]
-        if rank == 0:
-            torch.save(results, path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    results: dict[str, Any] = {name: _case(m, k, cp, **opts) for name, (m, k, cp, opts) in CASES.items()}
+    results["balanced_orders"] = [o for o in parallel._BALANCE_CACHE.values() if o is not None]
+    if rank == 0:
+        torch.save(results, path)
 
 
 @pytest.fixture(scope="module")
 def two_ranks() -> dict[str, Any]:
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    # fork where the OS has it: the workers inherit this process's imported torch/diffusers (about 3 s for every
-    # case instead of about 40 s of imports in two spawned interpreters on a 2-core machine)
-    import diffusers  # noqa: F401  (imported before the fork on purpose)
+    import diffusers  # noqa: F401  (imported before the fork on purpose: the workers inherit it)
     from diffusers import ContextParallelConfig, FluxPipeline, WanPipeline  # noqa: F401
 
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "results.pt")
-        ctx = mp.start_processes(
-            _worker, args=(2, _free_port(), path), nprocs=2, join=False, start_method=method
-        )
-        deadline = time.monotonic() + WORKER_TIMEOUT_S
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"the two gloo workers did not finish within {WORKER_TIMEOUT_S} s (killed)")
+        run_ranks(_worker, 2, path)
         return torch.load(path, weights_only=False)
 
 

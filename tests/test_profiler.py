@@ -362,6 +362,70 @@ def test_resume_continues_from_checkpoint(tiny_pipe, tmp_path):
         )
 
 
+THREE = ["a red fox", "a blue boat", "a green tree"]
+
+
+def _profile_on_rank(rank: int, world: int, pipe, out: Path) -> None:
+    enc = default_encoder("tiny", pipe)
+    seen: list[str] = []
+
+    def counting(prompt):
+        seen.append(prompt)
+        return enc(prompt)
+
+    profile_pipeline(
+        pipe,
+        _cfg(prompts=THREE),
+        out,
+        model_id="tiny",
+        encode=counting,
+        resume=True,
+        cost=CHEAP_SPARSE,
+        command="x",
+        progress=False,
+    )
+    (out.parent / f"seen{rank}.json").write_text(json.dumps(seen))
+
+
+def test_two_processes_split_the_samples_and_write_the_one_process_profile(tiny_pipe, tmp_path):
+    """Two gloo ranks resume a one-process checkpoint (sample 0 done): rank 0 calibrates sample 2, rank 1 sample
+    1, the statistics are merged, and rank 0 writes the same profile one process writes from scratch."""
+    from ranks import run_ranks
+
+    enc = default_encoder("tiny", tiny_pipe)
+    out = tmp_path / "p.json"
+
+    def crash_after_first(prompt):
+        if prompt != THREE[0]:
+            raise RuntimeError("simulated crash")
+        return enc(prompt)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        profile_pipeline(
+            tiny_pipe, _cfg(prompts=THREE), out, model_id="tiny", encode=crash_after_first, cost=CHEAP_SPARSE
+        )
+    assert list(json.loads((tmp_path / "p.json.ckpt.json").read_text())["samples"]) == ["0"]
+
+    run_ranks(_profile_on_rank, 2, tiny_pipe, out)
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]
+    assert seen == [[THREE[2]], [THREE[1]]]
+    assert not list(tmp_path.glob("p.json.ckpt*"))  # every rank's checkpoint and the old one are gone
+    two = Profile.load(out).to_dict()
+    assert two["calibration"].pop("processes") == 2
+    one = profile_pipeline(
+        tiny_pipe,
+        _cfg(prompts=THREE),
+        tmp_path / "one.json",
+        model_id="tiny",
+        encode=enc,
+        cost=CHEAP_SPARSE,
+        command="x",
+        progress=False,
+    ).to_dict()
+    assert one["calibration"].pop("processes") == 1
+    assert _strip_volatile(two) == _strip_volatile(one)
+
+
 def test_unsupported_model_names_families(tmp_path):
     from dit_sparse.pipelines import UnsupportedModelError
 

@@ -14,8 +14,8 @@ PROFILE_DESCRIPTION = (
     "candidate within --budget (or meets --density) using a cost model timed on the real kernel, chooses dense "
     "warm-up steps and dense layers, then checks the profile end-to-end on a held-out prompt (PSNR/SSIM vs dense). "
     "A checkpoint <out>.ckpt.json is written after every calibration sample: --resume continues from it. "
-    "Single process, one device: spreading calibration over several GPUs (accelerate launch / --num-gpus) is not "
-    "supported yet."
+    "Several GPUs: `accelerate launch -m dit_sparse.cli profile ...` (or torchrun) spreads the calibration samples "
+    "over the processes (one GPU each), merges their statistics, and rank 0 searches, verifies and writes the profile."
 )
 
 
@@ -94,6 +94,7 @@ def run_profile(args: argparse.Namespace) -> int:
         IMAGE_FAMILIES,
         ProfileConfig,
         ProfilerError,
+        checkpoint_files,
         checkpoint_path,
         default_encoder,
         profile_pipeline,
@@ -101,13 +102,14 @@ def run_profile(args: argparse.Namespace) -> int:
     )
 
     out = Path(args.out)
-    ckpt = checkpoint_path(out)
+    world, rank, local_rank = _init_distributed()
+    ckpts = checkpoint_files(out)
     # every cheap check before the long run
     if out.exists() and not args.force:
         return _fail(f"{out} exists; pass --force to overwrite it")
-    if ckpt.exists() and not (args.resume or args.force):
+    if ckpts and not (args.resume or args.force):
         return _fail(
-            f"{ckpt} exists (an interrupted run): pass --resume to continue it or --force to start over"
+            f"{ckpts[0]} exists (an interrupted run): pass --resume to continue it or --force to start over"
         )
     if args.budget is not None and not (args.budget >= 0):
         return _fail(f"--budget must be a relative error >= 0 (e.g. 0.05 = 5 %), got {args.budget}")
@@ -124,16 +126,24 @@ def run_profile(args: argparse.Namespace) -> int:
     seeds = _ints(args.seeds, "--seeds")
     sample_steps = _ints(args.sample_steps, "--sample-steps") if args.sample_steps else None
     if (
-        args.force and not args.resume
-    ):  # --force alone starts over; with --resume it only allows replacing --out
-        ckpt.unlink(missing_ok=True)
+        args.force and not args.resume and rank == 0
+    ):  # --force alone starts over; with --resume it only allows
+        for path in ckpts:  # replacing --out
+            path.unlink(missing_ok=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
     from ..generate import load_pipeline
     from ..pipelines import UnsupportedModelError, family_for
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    if dtype is None and device == "cuda" and args.model != "tiny":
+    if dtype is None and device.startswith("cuda") and args.model != "tiny":
         dtype = torch.bfloat16
     pipe, model_name = load_pipeline(
         args.model, device, dtype
@@ -158,6 +168,10 @@ def run_profile(args: argparse.Namespace) -> int:
             "guidance": DEFAULTS["guidance_scale"],
         }
     image = family.name in IMAGE_FAMILIES
+    if prompts is None and model_name == "tiny":  # the trained bundled model knows only its own prompts
+        from ..pipelines.tiny_data import eval_prompts
+
+        prompts = [spec.prompt for spec in eval_prompts(12)]
     if prompts is None:
         prompts = list(DEFAULT_IMAGE_PROMPTS if image else DEFAULT_VIDEO_PROMPTS)
     holdout = None if args.no_verify else prompts[-1]
@@ -192,17 +206,35 @@ def run_profile(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except (ProfilerError, ValueError) as exc:
+        kept = checkpoint_files(out)
         return _fail(
-            f"{exc}\n(statistics so far stay in {ckpt}; rerun with --resume)" if ckpt.exists() else str(exc)
+            f"{exc}\n(statistics so far stay in {kept[0]}; rerun with --resume)" if kept else str(exc)
         )
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - GPU only
         return _fail(
             f"out of GPU memory ({exc}); lower --max-query-blocks or the resolution; statistics so far stay in "
-            f"{ckpt}: rerun with --resume"
+            f"{checkpoint_path(out, rank if world > 1 else None)}: rerun with --resume"
         )
-    print(summary_table(profile))
-    print(f"\nwrote {out}")
+    if rank == 0:
+        print(summary_table(profile))
+        print(f"\nwrote {out}" + (f" (calibrated on {world} processes)" if world > 1 else ""))
     return 0
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    """(world size, rank, local rank). Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1 in the
+    environment) joins their process group: NCCL with CUDA, gloo otherwise."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return 1, 0, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
 
 
 def command_line(args: argparse.Namespace) -> str:

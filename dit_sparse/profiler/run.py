@@ -223,8 +223,14 @@ def _device_name(device: torch.device) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
-def checkpoint_path(out: Path) -> Path:
-    return out.with_name(out.name + ".ckpt.json")
+def checkpoint_path(out: Path, rank: int | None = None) -> Path:
+    """``<out>.ckpt.json``; under several processes each rank writes its own ``<out>.ckpt.rank<r>.json``."""
+    return out.with_name(out.name + (".ckpt.json" if rank is None else f".ckpt.rank{rank}.json"))
+
+
+def checkpoint_files(out: Path) -> list[Path]:
+    """The checkpoints of ``out`` on disk: a single-process one and any ranks'."""
+    return sorted(p for p in out.parent.glob(out.name + ".ckpt*.json") if p.is_file())
 
 
 def load_checkpoint(path: Path, cfg: ProfileConfig, model: str) -> dict[str, Any]:
@@ -264,18 +270,11 @@ def pipe_kwargs(cfg: ProfileConfig, seed: int, output_type: str) -> dict[str, An
 
 
 def default_encoder(model_name: str, pipe: Any) -> Encoder:
-    """Prompt -> pipeline kwargs: the tiny model's word embedding, otherwise the pipeline's own text encoder."""
+    """Prompt -> pipeline kwargs: the bundled model's (``tiny.prompt_kwargs``), otherwise the plain prompt."""
     if model_name.startswith("tiny"):
-        from ..pipelines.tiny import embed_prompt
+        from ..pipelines.tiny import prompt_kwargs
 
-        def tiny(prompt: str) -> dict[str, Any]:
-            dt = pipe.transformer.dtype
-            return {
-                "prompt_embeds": embed_prompt(prompt).to(pipe.device, dt),
-                "negative_prompt_embeds": embed_prompt("").to(pipe.device, dt),
-            }
-
-        return tiny
+        return lambda prompt: prompt_kwargs(pipe, prompt)
     return lambda prompt: {"prompt": prompt}
 
 
@@ -304,27 +303,34 @@ def profile_pipeline(
     bad = [s for s in cfg.sample_steps if not 0 <= s < cfg.steps]
     if bad:
         raise ProfilerError(f"sampled steps {bad} are outside 0..{cfg.steps - 1}")
-    ckpt = checkpoint_path(out)
-    if resume and ckpt.is_file():
-        data = load_checkpoint(ckpt, cfg, model_id)
-    else:
-        data = {
-            "version": CHECKPOINT_VERSION,
-            "model": model_id,
-            "config": cfg.key(),
-            "state": {},
-            "samples": {},
-        }
-    state = data["state"]
+    world, rank = _world()
+    ckpt = checkpoint_path(out, rank if world > 1 else None)
+    data: dict[str, Any] = {
+        "version": CHECKPOINT_VERSION,
+        "model": model_id,
+        "config": cfg.key(),
+        "state": {},
+        "samples": {},
+    }
+    if resume:  # every checkpoint of an earlier run (one process or any number of ranks)
+        for path in checkpoint_files(out):
+            earlier = load_checkpoint(path, cfg, model_id)
+            data["samples"].update(earlier["samples"])
+            if not data["state"]:
+                data["state"] = earlier["state"]
+    state: dict[str, Any] = data["state"]
     if cost is not None:
         state["cost"] = cost.to_dict()
     samples = [(p, s) for p in cfg.prompts for s in cfg.seeds]
+    mine = [i for i in range(len(samples)) if i % world == rank]  # rank r calibrates samples r, r + W, ...
+    progress = progress and rank == 0
     pipe.set_progress_bar_config(disable=not progress, leave=False)
-    bar = tqdm(total=len(samples), desc="calibrate", unit="sample", disable=not progress)
-    bar.update(sum(1 for i in range(len(samples)) if str(i) in data["samples"]))
-    for i, (prompt, seed) in enumerate(samples):
+    bar = tqdm(total=len(mine), desc="calibrate", unit="sample", disable=not progress)
+    bar.update(sum(1 for i in mine if str(i) in data["samples"]))
+    for i in mine:
         if str(i) in data["samples"]:
             continue
+        prompt, seed = samples[i]
         collector = Collector(cfg, state, bar)
         handle = apply(pipe, base)
         try:
@@ -339,14 +345,46 @@ def profile_pipeline(
         save_checkpoint(ckpt, data)
         bar.update(1)
     bar.close()
+    if world > 1:
+        data = _merge_ranks(data, rank)
 
     profile, _ = _search(base, cfg, data)
-    profile.stamp(**_provenance(cfg, data, command))
-    if cfg.holdout is not None:
-        profile.summary.update(verify(pipe, profile, cfg, encode, progress))
-    profile.save(out, overwrite=True)
-    ckpt.unlink(missing_ok=True)
+    profile.stamp(**_provenance(cfg, data, command), processes=world)
+    if rank == 0:
+        if cfg.holdout is not None:
+            profile.summary.update(verify(pipe, profile, cfg, encode, progress))
+        profile.save(out, overwrite=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the profile is on disk before any rank drops its statistics
+    for path in checkpoint_files(out):
+        if rank == 0 or path == ckpt:
+            path.unlink(missing_ok=True)
     return profile
+
+
+def _world() -> tuple[int, int]:
+    """(processes, this rank) of an initialised ``torch.distributed`` group (``accelerate launch`` / ``torchrun``
+    / ``dit-sparse profile`` under them), else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _merge_ranks(data: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Every rank's samples on every rank; the layout, candidates and cost model of the lowest rank that captured
+    (rank 0 unless it had no sample), so every rank searches the same statistics with the same cost model."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {"samples": data["samples"], "state": data["state"]})
+    merged = dict(data)
+    merged["samples"] = {k: v for part in parts for k, v in part["samples"].items()}
+    merged["state"] = next((part["state"] for part in parts if part["state"].get("cost")), data["state"])
+    return merged
 
 
 def error_tensor(data: dict[str, Any], num_layers: int, steps: list[int]) -> torch.Tensor:
