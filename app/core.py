@@ -27,11 +27,12 @@ from ..profile import MAX_PROFILE_BYTES, HeadSpec, Profile, ProfileError
 
 DENSE_CHOICE = "dense"
 UPLOAD_CHOICE = "uploaded JSON"
+# the bundled model knows only "a {colour} {shape} moving {direction}" (pipelines/tiny_data.py)
 EXAMPLE_PROMPTS = [
     "a red circle moving left",
-    "waves rolling onto a sandy beach at sunset",
-    "a cat walking across a wooden floor",
-    "timelapse of clouds over snowy mountains",
+    "a blue square moving up",
+    "a yellow triangle moving right",
+    "a white circle moving down",
 ]
 PSNR_PLOT_CAP = 100.0  # identical frames have infinite PSNR; the plot shows them at this value
 Progress = Callable[..., Any]

@@ -114,13 +114,9 @@ def _pipe_call(pipe: Any, args: argparse.Namespace, model_name: str) -> Any:
         output_type="np",
     )
     if model_name.startswith("tiny"):
-        from .pipelines.tiny import embed_prompt
+        from .pipelines.tiny import prompt_kwargs
 
-        kw["prompt_embeds"] = embed_prompt(args.prompt).to(pipe.device, pipe.transformer.dtype)
-        if args.guidance > 1:
-            kw["negative_prompt_embeds"] = embed_prompt(args.negative_prompt).to(
-                pipe.device, pipe.transformer.dtype
-            )
+        kw.update(prompt_kwargs(pipe, args.prompt, args.negative_prompt or ""))
     else:
         kw["prompt"] = args.prompt
         if args.negative_prompt:

@@ -89,6 +89,19 @@ def load_tiny_pipeline(seed: int = 0) -> Any:
     return pipe
 
 
+def prompt_kwargs(pipe: Any, prompt: str, negative_prompt: str = "") -> dict[str, Any]:
+    """The prompt arguments of a call of the bundled pipeline: a trained model's own tokenizer and text encoder
+    with its training padding (``max_sequence_length`` = :data:`TEXT_LENGTH`), or the untrained model's seeded word
+    embedding."""
+    if getattr(pipe, "text_encoder", None) is not None:
+        return {"prompt": prompt, "negative_prompt": negative_prompt, "max_sequence_length": TEXT_LENGTH}
+    dtype = pipe.transformer.dtype
+    return {
+        "prompt_embeds": embed_prompt(prompt).to(pipe.device, dtype),
+        "negative_prompt_embeds": embed_prompt(negative_prompt).to(pipe.device, dtype),
+    }
+
+
 def embed_prompt(prompt: str, length: int = TEXT_LEN, dim: int = TEXT_DIM) -> torch.Tensor:
     """``(1, length, dim)`` text embedding: one seeded vector per word (sha256 of the word), zero-padded."""
     words = prompt.lower().split()[:length]

@@ -56,6 +56,14 @@ def all_specs() -> list[ClipSpec]:
     return [ClipSpec(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
 
 
+def eval_prompts(n: int) -> list[ClipSpec]:
+    """``n`` prompts spread over colours, shapes and directions (deterministic): the training script's detector
+    check, and the profiler's calibration prompts for a trained bundled model."""
+    specs = all_specs()
+    step = max(len(specs) // n, 1)
+    return [specs[(i * step + i // 4) % len(specs)] for i in range(n)]
+
+
 def _shape_mask(
     shape: str, yy: torch.Tensor, xx: torch.Tensor, cy: float, cx: float, r: float
 ) -> torch.Tensor:

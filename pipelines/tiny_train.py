@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .tiny import DEFAULTS, TEXT_DIM, TEXT_LENGTH, TRANSFORMER_CONFIG, VAE_CONFIG
-from .tiny_data import VOCAB, ClipSpec, all_specs, detect, make_clip
+from .tiny_data import VOCAB, ClipSpec, all_specs, detect, eval_prompts, make_clip
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 TEXT_ENCODER_CONFIG: dict[str, Any] = dict(
@@ -428,14 +428,6 @@ def train_transformer(
 
 
 # ------------------------------------------------------------------------------------------------ eval
-def eval_prompts(n: int) -> list[ClipSpec]:
-    """``n`` prompts spread over colours, shapes and directions (deterministic)."""
-    specs = all_specs()
-    step = max(len(specs) // n, 1)
-    picked = [specs[(i * step + i // 4) % len(specs)] for i in range(n)]
-    return picked
-
-
 @torch.no_grad()
 def evaluate(
     pipe: Any, specs: list[ClipSpec], frames: int, steps: int, text_length: int, seed: int = 0

@@ -37,9 +37,9 @@ def test_training_script_writes_a_loadable_pipeline(quick_model):
     from diffusers import WanPipeline
 
     p = WanPipeline.from_pretrained(str(quick_model), local_files_only=True)
-    video = p(
-        "a blue square moving up", num_frames=5, height=32, width=48, num_inference_steps=1, output_type="pt"
-    ).frames
+    kwargs = tiny.prompt_kwargs(p, "a blue square moving up")  # how generate / profile / demo prompt it
+    assert kwargs["max_sequence_length"] == tiny.TEXT_LENGTH and kwargs["prompt"] == "a blue square moving up"
+    video = p(**kwargs, num_frames=5, height=32, width=48, num_inference_steps=1, output_type="pt").frames
     assert video.shape == (1, 5, 3, 32, 48)
     files = [f for f in quick_model.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 30e6  # the full recipe has the same architecture
