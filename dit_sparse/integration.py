@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -474,7 +474,7 @@ class TransformerBinding:
 
         run, rkey = self.runs[-1], (layer, self.state.step)
         key = (layer, self.state.context_name, mlayout, q.shape[0], str(q.device))
-        step_mask = self.step_masks.get((*key, None))
+        step_mask = self.step_masks.get(self._step_key(layer, mlayout, q))
         idx = torch.tensor(heads, device=q.device)
         if step_mask is None or step_mask.step == self.state.step:  # refreshed this call
             r, residual = retention_stats(
@@ -572,20 +572,6 @@ class TransformerBinding:
         self.runs[-1].density[(layer, self.state.step)] = sum(densities) / len(densities)
         return out
 
-    def layer_mask(self, layer: int, mlayout: MaskLayout, device: torch.device) -> tuple[torch.Tensor, float]:
-        """``[1, H, nB, nB]`` bool mask for a layer of static, raster-order heads (cached).
-
-        Layers with reordering, dynamic or reused heads need :meth:`_static_plan` / :meth:`_step_mask` (and the
-        permutation); this raises for them rather than run a wrong mask.
-        """
-        plan = self._static_plan(layer, mlayout, device)
-        if plan.perm is not None or plan.dynamic or plan.reuse:
-            raise NotImplementedError(
-                f"dit-sparse layer {layer}: reordering, dynamic or skip(mode='reuse') heads are not supported on "
-                "this path (context parallelism); use static raster-order patterns for this layer"
-            )
-        return plan.mask, plan.density
-
     def _static_plan(self, layer: int, mlayout: MaskLayout, device: torch.device) -> _StaticPlan:
         """Mask, permutation and head groups of ``layer`` (cached per head-pattern set, layout and device)."""
         heads = [(s.pattern, s.params) for s in self.profile.layers[layer]]
@@ -627,6 +613,18 @@ class TransformerBinding:
             return True
         return step != cached_step and (step - self.profile.schedule.dense_steps) % interval == 0
 
+    def _step_key(
+        self,
+        layer: int,
+        mlayout: MaskLayout,
+        q: torch.Tensor,
+        sample: int | None = None,
+        heads: Sequence[int] | None = None,
+    ) -> tuple[Any, ...]:
+        """Cache key of a layer's dynamic mask: CFG context, layout, batch, device, padded-text sample, heads."""
+        hs = None if heads is None else tuple(heads)
+        return (layer, self.state.context_name, mlayout, q.shape[0], str(q.device), sample, hs)
+
     def _step_mask(
         self,
         layer: int,
@@ -635,27 +633,34 @@ class TransformerBinding:
         q: torch.Tensor,
         k: torch.Tensor,
         sample: int | None = None,
+        heads: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, float]:
         """The layer's mask for this call: the static plan's, with dynamic heads filled in from ``q, k
-        (B, H, N, D)`` at refresh steps and reused in between (per CFG context, layout and batch)."""
+        (B, H, N, D)`` at refresh steps and reused in between (per CFG context, layout and batch).
+
+        ``heads``: the global heads ``q, k`` hold, in their order (a context-parallel rank's slice); the mask then
+        covers those heads only, and a layer with dynamic heads reports the density of those heads."""
+        base = plan.mask if heads is None else plan.mask[:, list(heads)]
         if not plan.dynamic:
-            return plan.mask, plan.density
-        key = (layer, self.state.context_name, mlayout, q.shape[0], str(q.device), sample)
+            return base, plan.density
+        key = self._step_key(layer, mlayout, q, sample, heads)
         hit = self.step_masks.get(key)
         if hit is not None and not self.refresh_due(plan, hit.step):
             return hit.mask, hit.density
         from .kernels import token_density
 
         bsz = q.shape[0]
-        mask = plan.mask.expand(bsz, -1, -1, -1).clone()  # (B, H, nB, nB)
-        for name, params, heads in plan.dynamic:
-            idx = torch.tensor(heads, device=q.device)
-            perm = None if plan.perm is None else plan.perm[0, heads[0]]  # (N,) shared by the group
+        mask = base.expand(bsz, -1, -1, -1).clone()  # (B, H, nB, nB)
+        where = {g: i for i, g in enumerate(range(plan.mask.shape[1]) if heads is None else heads)}
+        for name, params, group in plan.dynamic:
+            local = [where[g] for g in group if g in where]  # the group's heads that q/k hold
+            if not local:
+                continue
+            idx = torch.tensor(local, device=q.device)
+            perm = None if plan.perm is None else plan.perm[0, group[0]]  # (N,) shared by the group
             builder = PATTERNS[name].dynamic
             assert builder is not None
-            mask[:, list(heads)] = builder(
-                mlayout, q.index_select(1, idx), k.index_select(1, idx), perm, **params
-            )
+            mask[:, local] = builder(mlayout, q.index_select(1, idx), k.index_select(1, idx), perm, **params)
         mask = force_text_dense(mask, mlayout)
         # one host sync per refresh (the report's density), none on the steps that reuse the mask
         density = float(token_density(mask, mlayout.block_size, mlayout.seq_len, mlayout.seq_len))

@@ -25,7 +25,15 @@ heads from ``r·⌈H/N⌉`` and the last rank may hold fewer.
 Head balancing: heads are split contiguously and sparse heads differ in cost, so the busiest rank sets the pace.
 When the profile's per-head block counts make the contiguous split uneven (by ``HEAD_BALANCE_MIN_GAIN`` or more),
 q/k/v heads are reordered before the all-to-all (:func:`balance_heads`, the same order on every rank) and the output
-is put back after it; each head still computes exactly what it would on one process. Not with ``ulysses_anything``.
+is put back after it; each head still computes exactly what it would on one process. Not with ``ulysses_anything``,
+and not for layers with dynamic heads (their blocks are chosen at run time).
+
+Every pattern whose heads depend only on their own q/k runs sparse here: static masks are sliced to the rank's
+heads, reorderings (PARO's axis orders, draft's patch order) gather/scatter the rank's heads' tokens inside the
+kernel, and dynamic heads (``draft``, ``lse_topk``) build their masks from the rank's q/k at refresh steps (a group
+of heads split across ranks is built in parts). Under context parallelism a layer with dynamic heads reports the
+density of the rank's heads. Heads that carry state across steps (``skip(mode="reuse")``,
+``lse_topk(retention=True)``) raise :class:`ContextParallelError` with what to use instead.
 
 Not sparse (run dense through the model's own backend, said once in a warning and in the run report): ring
 attention and ring × Ulysses (the ring's per-chunk forward op is not told which key chunk it holds and must return
@@ -145,11 +153,12 @@ def head_order(binding: TransformerBinding, layer: int, mlayout: MaskLayout, wor
     names = binding._layer_names[layer]
     key = (names, mlayout, world)
     if key not in _BALANCE_CACHE:
-        mask, _ = binding.layer_mask(layer, mlayout, torch.device("cpu"))  # (1, H, nB, nB)
-        costs = mask.sum(dim=(0, 2, 3)).tolist()  # computed blocks per head ~ kernel time per head
+        plan = binding._static_plan(layer, mlayout, torch.device("cpu"))
+        costs = plan.mask.sum(dim=(0, 2, 3)).tolist()  # computed blocks per head ~ kernel time per head
         if len(_BALANCE_CACHE) > 256:
             _BALANCE_CACHE.clear()
-        _BALANCE_CACHE[key] = balance_heads(costs, world)
+        # a dynamic head's blocks are chosen at run time: no balancing for its layer
+        _BALANCE_CACHE[key] = None if plan.dynamic else balance_heads(costs, world)
     return _BALANCE_CACHE[key]
 
 
@@ -352,10 +361,20 @@ class UlyssesSparseOp:
         qh, kh, vh = (
             (x if identity else x.index_select(1, to_canon)).transpose(1, 2) for x in (query, key, value)
         )  # (B, H_local, S, D), canonical order
-        mask, self.density = self.binding.layer_mask(self.layer, self.mlayout, query.device)  # (1, H, nB, nB)
-        if self.head_order is None:
-            mask = mask[:, h0:h1]  # this rank's contiguous global heads
-        else:
-            mask = mask.index_select(1, torch.tensor(self.head_order[h0:h1], device=mask.device))
-        out = self.binding._kernel(qh, kh, vh, mask, scale).transpose(1, 2)  # (B, S, H_local, D)
+        from .integration import _retention_heads
+
+        plan = self.binding._static_plan(self.layer, self.mlayout, query.device)
+        if plan.reuse or _retention_heads(plan):
+            raise ContextParallelError(
+                f"dit-sparse layer {self.layer}: skip(mode='reuse') and lse_topk(retention=True) heads keep "
+                "per-head state across steps that context parallelism does not carry yet; use skip(mode='zero') "
+                "or retention=False for this model under context parallelism"
+            )
+        # this rank's global heads: a contiguous slice, or the balanced order's slice
+        heads_here = list(range(h0, h1)) if self.head_order is None else self.head_order[h0:h1]
+        # static masks sliced to these heads; dynamic heads built from this rank's q/k (exactly what one process
+        # builds for them: every head's mask depends only on its own q/k)
+        mask, self.density = self.binding._step_mask(self.layer, plan, self.mlayout, qh, kh, heads=heads_here)
+        perm = None if plan.perm is None else plan.perm[:, heads_here]  # per-head token orders (PARO, draft)
+        out = self.binding._kernel(qh, kh, vh, mask, scale, perm).transpose(1, 2)  # (B, S, H_local, D)
         return out if identity else out.index_select(1, order)

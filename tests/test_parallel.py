@@ -53,6 +53,10 @@ FLUX_RES = dict(height=128, width=144)
 FULL_GRID = {"wan": (3, 4, 6), "flux": (1, 8, 9)}
 WINDOW = ("window", {"f": 0, "h": 1, "w": 1})
 WINDOW_HEAD_1 = ("window", {"f": 0, "h": 0, "w": 0})
+REORDER_HWF = ("reorder_window", {"order": "HWF", "blocks": 1})
+REORDER_WHF = ("reorder_window", {"order": "WHF", "blocks": 1})
+LSE_TOPK = ("lse_topk", {"budget": 0.4})
+DRAFT = ("draft", {"budget": 0.4})
 SPARSE_REL_TOL = 1e-5  # fp32 rounding of sharded vs whole projections, through 2 layers × 2 steps × CFG
 
 
@@ -225,6 +229,17 @@ def _profile(pipe: Any, kind: str) -> Profile | None:
         for heads in prof.layers:
             heads[2] = heads[3] = HeadSpec(*WINDOW_HEAD_1)
         return prof
+    if (
+        kind == "mixed"
+    ):  # 4 heads: reorderings on both ranks, a dynamic group spanning the ranks, draft + window
+        prof = Profile.uniform(pipe.transformer, "full", block_size=BLOCK)
+        prof.layers[0] = [HeadSpec(*spec) for spec in (REORDER_HWF, LSE_TOPK, LSE_TOPK, REORDER_WHF)]
+        prof.layers[1] = [HeadSpec(*spec) for spec in (DRAFT, WINDOW, DRAFT, ("full", {}))]
+        return prof
+    if kind == "reuse":  # per-head state across steps: not carried under context parallelism (a clear error)
+        prof = Profile.uniform(pipe.transformer, WINDOW[0], WINDOW[1], block_size=BLOCK)
+        prof.layers[0][3] = HeadSpec("skip", {"mode": "reuse"})
+        return prof
     prof = Profile.uniform(pipe.transformer, WINDOW[0], WINDOW[1], block_size=BLOCK)
     for (
         heads
@@ -372,6 +387,8 @@ CASES: dict[str, tuple[str, str, dict[str, Any] | None, dict[str, Any]]] = {
 # gathered_order is checked for unequal shards by the pure tests above.)
 CASES["flux3-sparse-u2any"] = ("flux3", "sparse", {"ulysses_degree": 2, "ulysses_anything": True}, {})
 CASES["wan4-unbalanced-u2"] = ("wan4", "unbalanced", {"ulysses_degree": 2}, {})
+CASES["wan4-mixed-u2"] = ("wan4", "mixed", {"ulysses_degree": 2}, {})
+CASES["wan4-reuse-u2"] = ("wan4", "reuse", {"ulysses_degree": 2}, {})
 CASES["flux-sparse-wrong-order"] = ("flux", "sparse", {"ulysses_degree": 2}, {"order": "apply-before-cp"})
 CASES["wan-sparse-oneliner"] = ("wan", "sparse", {"ulysses_degree": 2}, {"order": "oneliner-before-cp"})
 CASES["wan-dense-oneliner-after"] = ("wan", "dense", {"ulysses_degree": 2}, {"order": "oneliner-after-cp"})
@@ -451,6 +468,24 @@ def test_ulysses_anything_with_padded_heads(two_ranks):
     # head 1 has another pattern than heads 0 and 2: a wrong head offset on rank 1 would change the output
     assert _rel(got["out"], _single("flux3", "sparse")) < SPARSE_REL_TOL
     assert not got["report"]["dense_calls"] and got["grids"] == [FULL_GRID["flux"]]
+
+
+def test_reordering_and_dynamic_heads_under_ulysses_equal_one_process(two_ranks):
+    """PARO reorderings on both ranks, an lse_topk group split across the ranks, draft guidance: each rank builds
+    its heads' dynamic masks from its own q/k and gathers/scatters its heads' token orders."""
+    got = two_ranks["wan4-mixed-u2"]
+    assert "error" not in got, got.get("error")
+    assert _rel(got["out"], _single("wan4", "mixed")) < SPARSE_REL_TOL
+    rep = got["report"]
+    assert not rep["dense_calls"] and not rep["fallbacks"] and not got["warnings"]
+    assert 0 < rep["mean_density"] < 1.0
+    assert _rel(got["out"], _single("wan4", "plain")) > 100 * SPARSE_REL_TOL  # really sparse
+
+
+def test_head_state_across_steps_under_ulysses_is_a_clear_error(two_ranks):
+    got = two_ranks["wan4-reuse-u2"]
+    assert "out" not in got
+    assert "ContextParallelError" in got["error"] and "skip(mode='zero')" in got["error"]
 
 
 def test_apply_before_enable_parallelism_is_a_clear_error(two_ranks):
