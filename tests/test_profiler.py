@@ -426,6 +426,59 @@ def test_two_processes_split_the_samples_and_write_the_one_process_profile(tiny_
     assert _strip_volatile(two) == _strip_volatile(one)
 
 
+def test_target_psnr_picks_the_sparsest_budget_that_reaches_it(tiny_pipe, tmp_path):
+    """Oracle: every budget of the ladder profiled and verified on its own; the target sits between two of them."""
+    from dit_sparse.profiler.run import PSNR_BUDGETS
+
+    enc = default_encoder("tiny", tiny_pipe)
+    kw = dict(prompts=["a red fox", "a blue boat"], holdout="a green tree")
+
+    def psnr(summary):
+        return math.inf if summary["psnr_mean"] == "inf" else summary["psnr_mean"]
+
+    ladder = {}
+    for b in PSNR_BUDGETS:
+        prof = profile_pipeline(
+            tiny_pipe,
+            _cfg(budget=b, **kw),
+            tmp_path / f"b{b}.json",
+            model_id="tiny",
+            encode=enc,
+            cost=CHEAP_SPARSE,
+            progress=False,
+        )
+        ladder[b] = psnr(prof.summary)
+    values = [ladder[b] for b in PSNR_BUDGETS]
+    assert values == sorted(values), values  # sparser budgets lose PSNR on this model (bisection's premise)
+    # a target between the two adjacent budgets with the widest finite gap
+    gaps = [(values[i + 1] - values[i], i) for i in range(len(values) - 1) if math.isfinite(values[i + 1])]
+    _, i = max(gaps)
+    target = (values[i] + values[i + 1]) / 2
+    want = next(b for b in PSNR_BUDGETS if ladder[b] >= target)
+    assert want == PSNR_BUDGETS[i + 1]
+
+    got = profile_pipeline(
+        tiny_pipe,
+        _cfg(budget=None, target_psnr=target, **kw),
+        tmp_path / "t.json",
+        model_id="tiny",
+        encode=enc,
+        cost=CHEAP_SPARSE,
+        command="x",
+        progress=False,
+    )
+    assert got.summary["budget"] == want and got.summary["target_psnr"] == target
+    assert psnr(got.summary) == ladder[want] >= target
+    same = Profile.load(tmp_path / f"b{want}.json")
+    assert [[(h.pattern, h.params) for h in layer] for layer in got.layers] == [
+        [(h.pattern, h.params) for h in layer] for layer in same.layers
+    ]
+    tried = {row["budget"]: row for row in got.summary["psnr_search"]}
+    assert len(tried) < len(PSNR_BUDGETS)  # bisection, not a sweep
+    for b, row in tried.items():
+        assert row["reaches_target"] == (ladder[b] >= target), (b, row)
+
+
 def test_unsupported_model_names_families(tmp_path):
     from dit_sparse.pipelines import UnsupportedModelError
 
@@ -501,6 +554,13 @@ def test_cli_refuses_overwrite_and_bad_input(cli_profile, tmp_path, capsys):
     out = tmp_path / "p.json"
     assert _cli("profile", "tiny", "-o", str(out), "--budget", "-0.1") == 2
     assert "--budget" in capsys.readouterr().err
+    assert _cli("profile", "tiny", "-o", str(out), "--target-psnr", "0") == 2
+    assert "--target-psnr must be" in capsys.readouterr().err
+    assert _cli("profile", "tiny", "-o", str(out), "--target-psnr", "30", "--no-verify") == 2
+    assert "drop --no-verify" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one target at a time
+        _cli("profile", "tiny", "-o", str(out), "--target-psnr", "30", "--budget", "0.1")
+    assert "not allowed with" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n# nothing\n")
     assert _cli("profile", "tiny", "-o", str(out), "--prompts", str(empty)) == 2

@@ -55,6 +55,13 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
         help="max relative L2 error of each head's attention output vs dense (default 0.05)",
     )
     target.add_argument("--density", type=float, default=None, help="instead: target mean density in (0, 1]")
+    target.add_argument(
+        "--target-psnr",
+        type=float,
+        default=None,
+        help="instead: the sparsest error budget whose held-out video keeps this mean PSNR (dB) vs dense, found by "
+        "bisection over budgets 0.5 … 0 (a few extra held-out runs; the tried budgets are recorded)",
+    )
     p.add_argument(
         "--sample-steps",
         default=None,
@@ -113,6 +120,10 @@ def run_profile(args: argparse.Namespace) -> int:
         )
     if args.budget is not None and not (args.budget >= 0):
         return _fail(f"--budget must be a relative error >= 0 (e.g. 0.05 = 5 %), got {args.budget}")
+    if args.target_psnr is not None and not (args.target_psnr > 0):
+        return _fail(f"--target-psnr must be a PSNR in dB > 0 (e.g. 30), got {args.target_psnr}")
+    if args.target_psnr is not None and args.no_verify:
+        return _fail("--target-psnr needs the held-out check; drop --no-verify")
     if args.density is not None and not (0 < args.density <= 1):
         return _fail(f"--density must be in (0, 1] (fraction of attention computed), got {args.density}")
     for name in ("height", "width", "frames", "steps", "num_prompts", "max_query_blocks"):
@@ -187,8 +198,11 @@ def run_profile(args: argparse.Namespace) -> int:
         frames=None if image else (args.frames or defaults.get("frames")),  # type: ignore[arg-type]
         steps=args.steps or int(defaults.get("steps", 50)),  # type: ignore[call-overload]
         guidance=args.guidance if args.guidance is not None else float(defaults.get("guidance", 5.0)),  # type: ignore[arg-type]
-        budget=None if args.density is not None else (0.05 if args.budget is None else args.budget),
+        budget=None
+        if args.density is not None or args.target_psnr is not None
+        else (0.05 if args.budget is None else args.budget),
         density=args.density,
+        target_psnr=args.target_psnr,
         sample_steps=sample_steps,
         max_query_blocks=args.max_query_blocks,
         block_size=args.block_size,

@@ -14,13 +14,14 @@ Stages (each with a progress bar):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ class ProfileConfig:
     guidance: float = 5.0
     budget: float | None = 0.05  # max relative L2 error per head output vs dense
     density: float | None = None  # alternative: target mean density
+    target_psnr: float | None = None  # alternative: the sparsest budget whose held-out PSNR (dB) reaches this
     sample_steps: list[int] | None = None  # default: sample_steps_for(steps)
     max_query_blocks: int = 32  # query blocks sampled per call for the error statistics
     block_size: int | None = None  # None: auto from the sequence length
@@ -92,6 +94,7 @@ class ProfileConfig:
         d.pop("holdout")
         d.pop("budget")
         d.pop("density")
+        d.pop("target_psnr")
         return d
 
 
@@ -348,16 +351,21 @@ def profile_pipeline(
     if world > 1:
         data = _merge_ranks(data, rank)
 
-    profile, _ = _search(base, cfg, data)
-    profile.stamp(**_provenance(cfg, data, command), processes=world)
-    if rank == 0:
-        if cfg.holdout is not None:
-            profile.summary.update(verify(pipe, profile, cfg, encode, progress))
+    if rank == 0:  # search, verify and write; the other ranks read what rank 0 wrote
+        if cfg.target_psnr is not None:
+            profile = search_for_psnr(pipe, base, cfg, data, encode, progress)
+        else:
+            profile, _ = _search(copy.deepcopy(base), cfg, data)
+            if cfg.holdout is not None:
+                profile.summary.update(verify(pipe, profile, cfg, encode, progress))
+        profile.stamp(**_provenance(cfg, data, command), processes=world)
         profile.save(out, overwrite=True)
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()  # the profile is on disk before any rank drops its statistics
+        dist.barrier()  # the profile is on disk before any rank reads it or drops its statistics
+    if rank != 0:
+        profile = Profile.load(out)
     for path in checkpoint_files(out):
         if rank == 0 or path == ckpt:
             path.unlink(missing_ok=True)
@@ -502,34 +510,107 @@ def _provenance(cfg: ProfileConfig, data: dict[str, Any], command: str | None) -
     }
 
 
-# ------------------------------------------------------------------------------------------------ verify
-def verify(
-    pipe: Any, profile: Profile, cfg: ProfileConfig, encode: Encoder, progress: bool
-) -> dict[str, Any]:
-    """Held-out prompt, first seed, dense then sparse: PSNR/SSIM of the final frames, density, wall time."""
+# ------------------------------------------------------------------------------------------------ target PSNR
+# error budgets tried by --target-psnr, sparsest first (budget 0 keeps only heads with no error: dense quality)
+PSNR_BUDGETS = (0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05, 0.03, 0.02, 0.01, 0.0)
+
+
+def search_for_psnr(
+    pipe: Any, base: Profile, cfg: ProfileConfig, data: dict[str, Any], encode: Encoder, progress: bool
+) -> Profile:
+    """The profile of the largest budget in :data:`PSNR_BUDGETS` whose held-out run reaches ``cfg.target_psnr``
+    (mean PSNR over frames vs the dense run), found by bisection (the PSNR falls as the budget grows), with its
+    verification in ``summary`` and every tried budget in ``summary["psnr_search"]``. Budget 0 is taken without a
+    run when every larger one misses."""
     from tqdm.auto import tqdm
 
+    assert cfg.target_psnr is not None and cfg.holdout is not None
+    dense = _holdout_run(pipe, None, cfg, encode)
+    bar = tqdm(total=math.ceil(math.log2(len(PSNR_BUDGETS))) + 1, desc="target PSNR", disable=not progress)
+    tried: dict[float, tuple[Profile, dict[str, Any]]] = {}
+
+    def attempt(budget: float) -> tuple[Profile, dict[str, Any]]:
+        if budget not in tried:
+            prof, _ = _search(copy.deepcopy(base), replace(cfg, budget=budget, density=None), data)
+            tried[budget] = (prof, verify(pipe, prof, cfg, encode, False, dense))
+            bar.update(1)
+        return tried[budget]
+
+    def reaches(summary: dict[str, Any]) -> bool:
+        psnr = summary["psnr_mean"]
+        return psnr == "inf" or float(psnr) >= float(cfg.target_psnr)  # type: ignore[arg-type]
+
+    lo, hi = (
+        0,
+        len(PSNR_BUDGETS) - 1,
+    )  # the answer is in [lo, hi]; the last budget is taken if all else misses
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reaches(attempt(PSNR_BUDGETS[mid])[1]):
+            hi = mid
+        else:
+            lo = mid + 1
+    profile, summary = attempt(PSNR_BUDGETS[hi])
+    bar.close()
+    profile.summary.update(summary)
+    profile.summary["target_psnr"] = cfg.target_psnr
+    profile.summary["psnr_search"] = [
+        {
+            "budget": b,
+            "psnr_mean": v["psnr_mean"],
+            "measured_mean_density": v["measured_mean_density"],
+            "reaches_target": reaches(v),
+        }
+        for b, (_, v) in sorted(tried.items(), reverse=True)
+    ]
+    return profile
+
+
+# ------------------------------------------------------------------------------------------------ verify
+def _holdout_run(
+    pipe: Any, profile: Profile | None, cfg: ProfileConfig, encode: Encoder
+) -> tuple[float, Any, float]:
+    """(seconds, frames, mean density) of the held-out prompt with the first seed, dense or with ``profile``."""
     from .. import apply
-    from ..generate import _frames, frame_metrics
+    from ..generate import _frames
+
+    assert cfg.holdout is not None
+    handle = apply(pipe, profile) if profile is not None else None
+    try:
+        t0 = time.perf_counter()
+        output = pipe(**encode(cfg.holdout), **pipe_kwargs(cfg, cfg.seeds[0], "np"))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        density = handle.report().mean_density() if handle is not None else 1.0
+    finally:
+        if handle is not None:
+            handle.remove()
+    return seconds, _frames(output), density
+
+
+def verify(
+    pipe: Any,
+    profile: Profile,
+    cfg: ProfileConfig,
+    encode: Encoder,
+    progress: bool,
+    dense: tuple[float, Any, float] | None = None,
+) -> dict[str, Any]:
+    """Held-out prompt, first seed, dense (or the given dense run) then sparse: PSNR/SSIM of the final frames,
+    density, wall time."""
+    from tqdm.auto import tqdm
+
+    from ..generate import frame_metrics
 
     assert cfg.holdout is not None
     seed = cfg.seeds[0]
     bar = tqdm(total=2, desc="verify", unit="run", disable=not progress)
     runs: dict[str, tuple[float, Any, float]] = {}
-    for mode in ("dense", "sparse"):
-        handle = apply(pipe, profile) if mode == "sparse" else None
-        try:
-            t0 = time.perf_counter()
-            output = pipe(**encode(cfg.holdout), **pipe_kwargs(cfg, seed, "np"))
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            density = handle.report().mean_density() if handle is not None else 1.0
-        finally:
-            if handle is not None:
-                handle.remove()
-        runs[mode] = (seconds, _frames(output), density)
-        bar.update(1)
+    runs["dense"] = dense if dense is not None else _holdout_run(pipe, None, cfg, encode)
+    bar.update(1)
+    runs["sparse"] = _holdout_run(pipe, profile, cfg, encode)
+    bar.update(1)
     bar.close()
     m = frame_metrics(runs["dense"][1], runs["sparse"][1])
     return {
