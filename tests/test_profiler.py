@@ -11,12 +11,21 @@ import torch
 
 from dit_sparse import Profile, apply
 from dit_sparse.kernels import reference_attention
-from dit_sparse.patterns import MaskLayout, build_layer_mask
+from dit_sparse.patterns import (
+    PATTERNS,
+    MaskLayout,
+    build_layer_mask,
+    build_pattern_perm,
+    is_dynamic,
+    validate_pattern,
+)
 from dit_sparse.profiler import (
     CostModel,
     ProfileConfig,
     ProfilerError,
     call_stats,
+    candidate_blocks,
+    candidate_dynamic,
     candidate_grid,
     candidate_masks,
     candidate_perms,
@@ -168,6 +177,90 @@ def test_search_reorders_a_planted_temporal_head():
     assert r2.predicted_seconds == pytest.approx(4 * 1e-6 * min(float(blocks[c]) for c in raster_fits))
 
 
+def test_call_stats_of_draft_candidates_match_brute_force_with_the_step_mask():
+    """A dynamic candidate's error is that of the mask its builder makes from this call's q/k (in its own token
+    order), against fp64 dense attention; partial last block, batch of two, sampled and all query blocks."""
+    from dit_sparse.patterns.dynamic import draft_mask
+
+    torch.manual_seed(5)
+    layout = MaskLayout((3, 5, 7), block_size=16)  # 105 tokens: 7 blocks, the last partial
+    n, nb = layout.seq_len, 7
+    q, k, v = (torch.randn(2, 3, n, 24) for _ in range(3))
+    cands = [
+        ("dense", {}),
+        ("draft", {"budget": 0.3, "refresh": 1}),
+        ("draft", {"budget": 0.3, "patch": [5, 3]}),
+    ]
+    kept, masks = candidate_masks(cands, layout)
+    perms, dyn = candidate_perms(kept, layout), candidate_dynamic(kept)
+    assert dyn[0] is None and dyn[1] == kept[1] and perms[2] is not None  # a 5×3 patch order is not raster
+    for max_blocks in (100, 2):
+        st = call_stats(q, k, v, masks, 16, max_blocks, perms=perms, dynamic=dyn, layout=layout)
+        rows = block_rows(sample_query_blocks(nb, max_blocks), 16, n)
+        got = (st.err_sq / st.ref_sq).sqrt()  # (C, H)
+        for c in (1, 2):
+            params = dict(kept[c][1])
+            perm = perms[c]
+            m = draft_mask(
+                layout, q, k, perm, params["budget"], None
+            )  # (B, H, nB, nB) in the candidate's order
+            idx = torch.arange(n) if perm is None else perm
+            qq, kk, vv = (x.double()[:, :, idx] for x in (q, k, v))
+            dense = reference_attention(qq, kk, vv, None, 16)[:, :, rows]
+            o = reference_attention(qq, kk, vv, m, 16)[:, :, rows]
+            expect = ((o - dense) ** 2).sum(dim=(0, 2, 3)).sqrt() / (dense**2).sum(dim=(0, 2, 3)).sqrt()
+            torch.testing.assert_close(got[c], expect, atol=2e-5, rtol=1e-4)
+            assert bool((got[c] > 0).all())  # 30 % of the blocks: really sparse
+    with pytest.raises(ValueError, match="layout"):
+        call_stats(q, k, v, masks, 16, perms=perms, dynamic=dyn)
+
+
+def test_search_gives_draft_guidance_to_a_planted_scattered_head():
+    """Head 0: each query block attends one key block chosen at random (no window, band, diagonal or stripe
+    covers that), head 1 attends uniformly: head 0 gets draft guidance, head 1 stays dense."""
+    layout = MaskLayout((4, 8, 8), block_size=16)  # 256 tokens, 16 blocks
+    n, nb = layout.seq_len, 16
+    cands, masks = candidate_masks(candidate_grid(layout), layout)
+    perms, dyn = candidate_perms(cands, layout), candidate_dynamic(cands)
+    c_draft = cands.index(("draft", {"budget": 0.1, "refresh": 1}))
+    order = perms[c_draft] if perms[c_draft] is not None else torch.arange(n)
+    block_of = torch.empty(n, dtype=torch.long)
+    block_of[order] = torch.arange(n) // 16  # each token's block in the draft candidate's token order
+    target = torch.randperm(nb, generator=torch.Generator().manual_seed(0))
+    eye = 8.0 * torch.eye(32)[:nb]  # (nB, 32) one feature per block
+    q = torch.stack([eye[target[block_of]], torch.zeros(n, 32)])[None]  # (1, 2, N, 32)
+    k = torch.stack([eye[block_of], torch.randn(n, 32)])[None]
+    v = torch.randn(1, 2, n, 32, generator=torch.Generator().manual_seed(1))
+    st = call_stats(q, k, v, masks, 16, 64, perms=perms, dynamic=dyn, layout=layout)
+    err = (st.err_sq / st.ref_sq).sqrt()  # (C, 2)
+    blocks = candidate_blocks(cands, masks)
+    reorders = torch.tensor([p is not None for p in perms])
+    dynamic = torch.tensor([d is not None for d in dyn])
+    names = [c[0] for c in cands]
+    every = err[None, None].expand(1, 4, -1, -1)  # the same statistics at every step of 4
+    r = search(every, [0, 1, 2, 3], 4, blocks, names.index("dense"), CHEAP_SPARSE, 0.05, reorders, dynamic)
+    head0, head1 = (cands[c] for c in r.choice[0])
+    assert head0[0] == "draft" and head1 == ("dense", {}), (head0, head1)
+    static_fits = [c for c in range(len(cands)) if not dynamic[c] and float(err[c, 0]) <= 0.05]
+    assert [cands[c][0] for c in static_fits] == ["dense"]  # nothing static but dense catches head 0
+    # independently: head 0 with its draft mask, fp64 over every row, in the candidate's token order
+    from dit_sparse.patterns.dynamic import draft_mask
+
+    chosen = r.choice[0][0]
+    perm = perms[chosen]
+    m = draft_mask(layout, q, k, perm, cands[chosen][1]["budget"], None)[:, :1]
+    idx = torch.arange(n) if perm is None else perm
+    qq, kk, vv = (x.double()[:, :1, idx] for x in (q, k, v))
+    dense = reference_attention(qq, kk, vv, None, 16)
+    oracle = float((reference_attention(qq, kk, vv, m, 16) - dense).norm() / dense.norm())
+    assert oracle <= 0.05
+    assert float(m.float().mean()) < 0.25  # and it is sparse
+    # the mask building counts: when it costs more than the blocks it saves, head 0 stays dense
+    dear = CostModel(0.0, 1e-6, 1.0, draft_s=1.0)
+    r2 = search(every, [0, 1, 2, 3], 4, blocks, names.index("dense"), dear, 0.05, reorders, dynamic)
+    assert [cands[c][0] for c in r2.choice[0]] == ["dense", "dense"] and r2.dense_layers == [0]
+
+
 def test_choose_heads_and_search_rules():
     # candidates: 0 dense (100 blocks), 1 cheap (10), 2 medium (40)
     blocks = torch.tensor([100.0, 10.0, 40.0])
@@ -266,13 +359,21 @@ def test_tiny_profile_is_deterministic_and_meets_its_budget(tiny_pipe, tmp_path)
         num = torch.zeros(len(specs), dtype=torch.float64)
         den = torch.zeros_like(num)
         for q, k, v, grid in calls:
-            mask = build_layer_mask(
-                [(s.pattern, s.params) for s in specs], MaskLayout(grid, block_size=prof.block_size), "cpu"
-            )
-            o = reference_attention(q, k, v, mask, prof.block_size)
-            d = reference_attention(q, k, v, None, prof.block_size)
-            num += ((o - d) ** 2).sum(dim=(0, 2, 3))
-            den += (d**2).sum(dim=(0, 2, 3))
+            layout = MaskLayout(grid, block_size=prof.block_size)
+            for h, spec in enumerate(specs):  # each head in its own token order, with its own (step) mask
+                perm = build_pattern_perm(spec.pattern, spec.params, layout, "cpu")
+                idx = torch.arange(layout.seq_len) if perm is None else perm
+                qh, kh, vh = (x[:, h : h + 1, idx] for x in (q, k, v))
+                if is_dynamic(spec.pattern):
+                    builder = PATTERNS[spec.pattern].dynamic
+                    params = validate_pattern(spec.pattern, spec.params)
+                    mask = builder(layout, q[:, h : h + 1].float(), k[:, h : h + 1].float(), perm, **params)
+                else:
+                    mask = build_layer_mask([(spec.pattern, spec.params)], layout, "cpu")
+                o = reference_attention(qh, kh, vh, mask, prof.block_size)
+                d = reference_attention(qh, kh, vh, None, prof.block_size)
+                num[h] += ((o - d) ** 2).sum()
+                den[h] += (d**2).sum()
         err = (num / den).sqrt()
         for h, s in enumerate(specs):
             assert float(err[h]) <= s.rel_error + 1e-4 and float(err[h]) <= 0.3 + 1e-4, (layer, step, h, s)

@@ -12,6 +12,8 @@ from .run import ProfileConfig, ProfilerError, profile_pipeline, read_prompts
 from .search import (
     CostModel,
     calibrate_cost_model,
+    candidate_blocks,
+    candidate_dynamic,
     candidate_grid,
     candidate_masks,
     candidate_perms,
@@ -26,6 +28,8 @@ __all__ = [
     "ProfilerError",
     "calibrate_cost_model",
     "call_stats",
+    "candidate_blocks",
+    "candidate_dynamic",
     "candidate_grid",
     "candidate_masks",
     "candidate_perms",

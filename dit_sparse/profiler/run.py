@@ -34,6 +34,8 @@ from .search import (
     CostModel,
     SearchResult,
     calibrate_cost_model,
+    candidate_blocks,
+    candidate_dynamic,
     candidate_grid,
     candidate_masks,
     candidate_perms,
@@ -148,6 +150,8 @@ class Collector:
         ] = {}  # (layer, step) -> [err_sq (C,H), ref_sq (H,)]
         self.masks: torch.Tensor | None = None
         self.perms: list[torch.Tensor | None] = []
+        self.dynamic: list[Candidate | None] = []
+        self.layout: MaskLayout | None = None
         self.bar = bar
 
     def bind(self, binding: Any) -> Callable[..., None]:
@@ -168,6 +172,8 @@ class Collector:
                 self.cfg.max_query_blocks,
                 self.cfg.impl,
                 perms=self.perms,
+                dynamic=self.dynamic,
+                layout=self.layout,
             )
             slot = self.acc.setdefault(
                 (layer, step), [torch.zeros_like(st.err_sq), torch.zeros_like(st.ref_sq)]
@@ -191,10 +197,12 @@ class Collector:
                 "at one resolution; pass --height/--width/--frames so every sample has the same size"
             )
         layout = MaskLayout(tuple(grid), num_text, text_first, st["block_size"])  # type: ignore[arg-type]
+        self.layout = layout
         if self.masks is None:
             cands = candidate_grid(layout)
             kept, self.masks = candidate_masks(cands, layout)
             self.perms = candidate_perms(kept, layout)
+            self.dynamic = candidate_dynamic(kept)
             names = [describe(c) for c in kept]
             if "candidates" in st and st["candidates"] != names:
                 raise ProfilerError("the checkpoint's candidate patterns differ from this run's; use --force")
@@ -206,7 +214,9 @@ class Collector:
             st["device"] = _device_name(q.device)
         if "cost" not in st:
             qshape = (int(q.shape[0]), int(q.shape[1]), int(q.shape[2]), int(q.shape[3]))
-            cm = calibrate_cost_model(qshape, q.dtype, q.device, st["block_size"], self.cfg.impl)
+            cm = calibrate_cost_model(
+                qshape, q.dtype, q.device, st["block_size"], self.cfg.impl, layout=layout
+            )
             st["cost"] = cm.to_dict()
 
     def errors(self) -> dict[str, list[list[float]]]:
@@ -429,7 +439,8 @@ def _search(base: Profile, cfg: ProfileConfig, data: dict[str, Any]) -> tuple[Pr
     )
     specs: list[Candidate] = [(n, dict(p)) for n, p in state["candidate_specs"]]
     masks = torch.stack([build_layer_mask([c], layout, "cpu")[0, 0] for c in specs])  # (C, nB, nB)
-    blocks = masks.flatten(1).sum(dim=1).double()  # (C,)
+    blocks = candidate_blocks(specs, masks)  # (C,)
+    dynamic = torch.tensor([d is not None for d in candidate_dynamic(specs)])
     total = layout.num_blocks**2
     dense_index = [n for n, _ in specs].index("dense")
     reorders = torch.tensor([p is not None for p in candidate_perms(specs, layout)])
@@ -438,11 +449,11 @@ def _search(base: Profile, cfg: ProfileConfig, data: dict[str, Any]) -> tuple[Pr
     cost = CostModel.from_dict(state["cost"])
     if cfg.density is not None:
         result = search_density(
-            errors, steps, cfg.steps, blocks, dense_index, cost, cfg.density, total, reorders
+            errors, steps, cfg.steps, blocks, dense_index, cost, cfg.density, total, reorders, dynamic
         )
     else:
         assert cfg.budget is not None
-        result = search(errors, steps, cfg.steps, blocks, dense_index, cost, cfg.budget, reorders)
+        result = search(errors, steps, cfg.steps, blocks, dense_index, cost, cfg.budget, reorders, dynamic)
     prof = base
     prof.block_size = state["block_size"]
     prof.layers = [

@@ -6,7 +6,11 @@ Cost model (calibrated on the real kernel, ``impl`` as used at generation time, 
     dense layer call:   t = dense_s   (the model's own SDPA; a layer whose heads are all dense runs it)
 
 ``permute_s`` is paid once per layer call when any head of the layer reorders its tokens (``reorder_window``,
-PARO): the kernel gathers q, k, v and scatters the output for all heads at once.
+PARO; ``draft``'s patch order): the kernel gathers q, k, v and scatters the output for all heads at once.
+``draft_s`` (building draft-guidance masks: pooled q/k, a low-resolution attention map, top blocks per row) is paid
+once per layer call when any head is a ``draft`` candidate; those are proposed with ``refresh=1`` (a fresh mask every
+step, exactly what the statistics measured). A draft head's computed blocks are its top ``ceil(budget·nB)`` blocks
+per row plus its always-kept ones (diagonal, text): an upper bound, as the top blocks may include those.
 
 ``per_block_s`` and ``overhead_s`` come from timing ``sparse_attention`` at two densities (every block, and a
 block-diagonal band of about a quarter of the blocks): the slope between the two is the cost of one (query block,
@@ -18,7 +22,8 @@ computes whole tiles).
 Search, per layer and head: the cheapest candidate (fewest computed blocks; ties: lower error, then candidate
 order) whose worst relative output error over the calibration samples and the sampled sparse steps fits the budget;
 ``dense`` always fits. A layer where some head picked a reordering is also priced with its heads restricted to
-raster-order candidates (no ``permute_s``), and the cheaper of the two is kept. Then per layer: if the predicted
+raster-order static candidates (no ``permute_s``, no ``draft_s``), and the cheaper of the two is kept; so is a layer
+where some head picked draft guidance. Then per layer: if the predicted
 sparse call is not cheaper than dense, the layer runs dense.
 Then the dense warm-up: every ``w`` in ``{0} ∪ {s + 1 : s sampled}`` is tried (steps before ``w`` dense, errors of
 steps ``>= w`` only), and the ``w`` with the lowest predicted total attention time wins (ties: smaller ``w``).
@@ -33,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..patterns import MaskLayout, build_layer_mask, build_pattern_perm, pattern_name
+from ..patterns import MaskLayout, build_layer_mask, build_pattern_perm, is_dynamic, pattern_name
 from ..patterns.reorder import AXIS_ORDERS
 
 Candidate = tuple[str, dict[str, Any]]
@@ -71,7 +76,29 @@ def candidate_grid(layout: MaskLayout) -> list[Candidate]:
     for order in AXIS_ORDERS:
         for blocks in sorted({1, max(1, video_blocks // 16), max(1, video_blocks // 8)}):
             cands.append(("reorder_window", {"order": order, "blocks": blocks}))
+    for budget in DRAFT_BUDGETS:  # dynamic: the mask is built from each step's q/k (refresh every step)
+        cands.append(("draft", {"budget": budget, "refresh": 1}))
     return cands
+
+
+DRAFT_BUDGETS = (0.1, 0.2, 0.35)  # fractions of the key blocks each query block keeps
+
+
+def candidate_blocks(cands: list[Candidate], masks: torch.Tensor) -> torch.Tensor:
+    """Computed (query block, key block) pairs per head of each candidate ``float64 (C,)``: a static mask's blocks;
+    for a dynamic candidate its always-kept blocks (``masks``) plus ``ceil(budget·nB)`` per row (an upper bound)."""
+    nb = masks.shape[-1]
+    blocks = masks.flatten(1).sum(dim=1).double()
+    for c, (name, params) in enumerate(cands):
+        if is_dynamic(name):
+            per_row = max(1, min(nb, math.ceil(float(params.get("budget", 1.0)) * nb)))
+            blocks[c] = min(float(nb * nb), float(blocks[c]) + per_row * nb)
+    return blocks
+
+
+def candidate_dynamic(cands: list[Candidate]) -> list[Candidate | None]:
+    """Each candidate's (pattern, params) if its mask is built at run time from q/k, else None."""
+    return [cand if is_dynamic(cand[0]) else None for cand in cands]
 
 
 def candidate_masks(cands: list[Candidate], layout: MaskLayout) -> tuple[list[Candidate], torch.Tensor]:
@@ -114,9 +141,11 @@ class CostModel:
     dense_s: float
     source: str = "given"
     permute_s: float = 0.0  # gather q/k/v + scatter o, once per layer call when any head reorders
+    draft_s: float = 0.0  # building the draft-guidance masks of one layer call
 
-    def sparse_call(self, blocks: float, reorders: bool = False) -> float:
-        return self.overhead_s + self.per_block_s * blocks + (self.permute_s if reorders else 0.0)
+    def sparse_call(self, blocks: float, reorders: bool = False, dynamic: bool = False) -> float:
+        extra = (self.permute_s if reorders else 0.0) + (self.draft_s if dynamic else 0.0)
+        return self.overhead_s + self.per_block_s * blocks + extra
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +158,7 @@ class CostModel:
             float(d["dense_s"]),
             str(d.get("source", "")),
             float(d.get("permute_s", 0.0)),
+            float(d.get("draft_s", 0.0)),
         )
 
 
@@ -153,10 +183,12 @@ def calibrate_cost_model(
     block_size: int,
     impl: str = "auto",
     reps: int = 3,
+    layout: MaskLayout | None = None,
 ) -> CostModel:
     """Time the real kernel at two densities (every block; a band of ~1/4 of the blocks), the band again with a
-    token permutation, and dense SDPA."""
+    token permutation, dense SDPA, and (given the call's ``layout``) building draft-guidance masks for all heads."""
     from ..kernels import sparse_attention
+    from ..patterns.dynamic import draft_mask
 
     bsz, heads, n, dim = shape
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -173,6 +205,10 @@ def calibrate_cost_model(
         lambda: sparse_attention(q, k, v, band, block_size, impl=impl, perm=perm), reps, device
     )
     t_dense = _median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps, device)
+    t_draft = 0.0
+    if layout is not None and layout.seq_len == n and layout.block_size == block_size:
+        draft_perm = build_pattern_perm("draft", {"budget": 0.2}, layout, device)
+        t_draft = _median_time(lambda: draft_mask(layout, q, k, draft_perm, 0.2, None), reps, device)
     b_full, b_band = heads * nb * nb, heads * int(band.sum())
     per_block = max((t_full - t_band) / max(1, b_full - b_band), 1e-12)  # slope per (head, block pair)
     overhead = max(t_full - per_block * b_full, 0.0)
@@ -182,6 +218,7 @@ def calibrate_cost_model(
         t_dense,
         source=f"timed {impl} on {device.type} {shape}",
         permute_s=max(t_perm - t_band, 0.0),
+        draft_s=t_draft,
     )
 
 
@@ -229,14 +266,27 @@ def search(
     cost: CostModel,
     budget: float,
     reorders: torch.Tensor | None = None,
+    dynamic: torch.Tensor | None = None,
 ) -> SearchResult:
     """``errors (L, S, C, H)``: worst relative error over calibration samples per (layer, sampled step,
-    candidate, head); ``reorders`` (bool ``(C,)``): candidates that permute tokens. See the module docstring."""
+    candidate, head); ``reorders`` / ``dynamic`` (bool ``(C,)``): candidates that permute tokens / build their mask
+    at run time. See the module docstring."""
     if budget < 0 or math.isnan(budget):
         raise ValueError(f"budget must be a relative error >= 0, got {budget}")
     num_layers = errors.shape[0]
     num_heads = errors.shape[3]
     options = [0] + [s + 1 for s in steps_sampled if s + 1 < num_steps]
+    num_c = errors.shape[2]
+    no = torch.zeros(num_c, dtype=torch.bool)
+    reorders = no if reorders is None else reorders
+    dynamic = no if dynamic is None else dynamic
+    extras = reorders | dynamic
+
+    def layer_t(c: torch.Tensor) -> float:
+        return cost.sparse_call(
+            float(blocks[c].sum()), reorders=bool(reorders[c].any()), dynamic=bool(dynamic[c].any())
+        )
+
     best: SearchResult | None = None
     dense_all = num_steps * num_layers * cost.dense_s
     for w in sorted(set(options)):
@@ -247,13 +297,12 @@ def search(
             e = errors[layer, keep]  # (S', C, H)
             c = choose_heads(e, blocks, budget, dense_index)
             heads_worst = e.amax(dim=0) if len(keep) else torch.zeros(errors.shape[2:], dtype=errors.dtype)
-            reordered = reorders is not None and bool(reorders[c].any())
-            sparse_t = cost.sparse_call(float(blocks[c].sum()), reorders=reordered)
-            if reorders is not None and reordered:
-                c_raster = choose_heads(e, blocks, budget, dense_index, allowed=~reorders)
-                raster_t = cost.sparse_call(float(blocks[c_raster].sum()))
-                if raster_t <= sparse_t:
-                    c, sparse_t = c_raster, raster_t
+            sparse_t = layer_t(c)
+            if bool(extras[c].any()):  # also priced with raster-order static heads only; the cheaper is kept
+                c_plain = choose_heads(e, blocks, budget, dense_index, allowed=~extras)
+                plain_t = layer_t(c_plain)
+                if plain_t <= sparse_t:
+                    c, sparse_t = c_plain, plain_t
             if bool((c == dense_index).all()) or sparse_t >= cost.dense_s:
                 c = torch.full((num_heads,), dense_index, dtype=torch.long)
                 dense_layers.append(layer)
@@ -279,6 +328,7 @@ def search_density(
     target: float,
     total_blocks: int,
     reorders: torch.Tensor | None = None,
+    dynamic: torch.Tensor | None = None,
 ) -> SearchResult:
     """The smallest error budget whose profile has mean head density ``<= target`` (density of a head = its
     candidate's blocks / all blocks; dense layers count 1). If even the loosest budget misses the target, that
@@ -290,13 +340,17 @@ def search_density(
     lo, hi = 0, len(budgets) - 1
     while lo <= hi:  # density is non-increasing in the budget: bisect
         mid = (lo + hi) // 2
-        r = search(errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[mid], reorders)
+        r = search(
+            errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[mid], reorders, dynamic
+        )
         if mean_density(r, blocks, total_blocks) <= target:
             result, hi = r, mid - 1
         else:
             lo = mid + 1
     if result is None:
-        result = search(errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[-1], reorders)
+        result = search(
+            errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[-1], reorders, dynamic
+        )
     return result
 
 

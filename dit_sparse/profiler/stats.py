@@ -9,6 +9,10 @@ For one self-attention call (q, k, v ``(B, H, N, D)``) and a list of candidate b
   ``O`` is exact fp32 softmax attention and ``O_c`` is :func:`dit_sparse.kernels.sparse_attention` (the kernel that
   will run, ``impl`` as requested) with the candidate's mask.
 
+A *dynamic* candidate (``dynamic[c]``: draft guidance) has no fixed mask: its per-head mask is built from this
+call's q/k by the pattern's own builder (what the processor does at a refresh step; the profiler proposes it with
+``refresh=1``, so every step runs exactly the measured mask) and its error measured with that mask.
+
 A candidate that reorders tokens (``perms[c]``, PARO's axis orders) has its mask in permuted order: its error and
 coverage are measured the same way on the permuted q/k/v (the sampled query blocks are then blocks of the permuted
 sequence, with their own exact reference), and its squared error is rescaled to the raster sample's reference norm
@@ -23,8 +27,11 @@ sequences and an unbiased-by-position estimate for long ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..patterns import MaskLayout
 
 DEFAULT_CHUNK_ELEMS = 1 << 25  # 32M fp32 scores = 128 MiB per chunk
 
@@ -103,10 +110,13 @@ def call_stats(
     scale: float | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     perms: list[torch.Tensor | None] | None = None,
+    dynamic: list[tuple[str, dict[str, Any]] | None] | None = None,
+    layout: MaskLayout | None = None,
 ) -> CallStats:
     """Statistics of one self-attention call. ``q, k, v``: ``(B, H, N, D)``; ``masks``: bool ``(C, nB, nB)`` one
     per candidate (text rows/columns already forced); ``perms``: per candidate None (raster order) or its token
-    permutation ``int64 [N]`` (permuted position ``i`` holds token ``perm[i]``; its mask is in that order)."""
+    permutation ``int64 [N]`` (permuted position ``i`` holds token ``perm[i]``; its mask is in that order);
+    ``dynamic``: per candidate None or its (pattern, params) whose mask is built from ``q, k`` (needs ``layout``)."""
     from ..kernels import sparse_attention
 
     n = q.shape[2]
@@ -122,6 +132,9 @@ def call_stats(
     perms = perms if perms is not None else [None] * masks.shape[0]
     if len(perms) != masks.shape[0]:
         raise ValueError(f"{len(perms)} permutations for {masks.shape[0]} candidate masks")
+    dynamic = dynamic if dynamic is not None else [None] * masks.shape[0]
+    if len(dynamic) != masks.shape[0] or (any(d is not None for d in dynamic) and layout is None):
+        raise ValueError("dynamic candidates need one entry per candidate mask and the call's layout")
     groups: dict[bytes, list[int]] = {}
     for c, perm in enumerate(perms):
         groups.setdefault(b"" if perm is None else perm.cpu().numpy().tobytes(), []).append(c)
@@ -143,11 +156,18 @@ def call_stats(
         q_sub = qq[:, :, rows.to(q.device)]  # (B, H, R, D): block i of q_sub = sampled block sel[i]
         mass_mean = mass_g.mean(dim=0)  # (H, nSel, nB)
         for c in members:
-            m = masks[c][sel_dev][None, None]  # (1, 1, nSel, nB)
+            spec = dynamic[c]
+            if spec is None:
+                full = masks[c][None, None]  # (1, 1, nB, nB)
+            else:  # built from this call's q/k in original order, returned in the candidate's token order
+                assert layout is not None
+                full = _dynamic_mask(spec, layout, q, k, perm)  # (B, H, nB, nB)
+            m = full[:, :, sel_dev]  # (B or 1, H or 1, nSel, nB)
             o = sparse_attention(q_sub, kk, vv, m, block_size, scale, impl=impl).float()  # (B, H, R, D)
             e = ((o - ref_g).double() ** 2).sum(dim=(0, 2, 3))  # (H,)
             err[c] = e if scale_g is None else e * scale_g
-            coverage[c] = torch.einsum("sk,hsk->h", masks[c][sel_dev].double(), mass_mean) / len(sel)
+            share = m.double().mean(dim=0).expand(mass_mean.shape[0], -1, -1)  # (H, nSel, nB)
+            coverage[c] = torch.einsum("hsk,hsk->h", share, mass_mean) / len(sel)
     order = range(masks.shape[0])
     return CallStats(
         torch.stack([err[c] for c in order]).cpu(),
@@ -155,6 +175,24 @@ def call_stats(
         mass.mean(dim=0).cpu(),
         torch.stack([coverage[c] for c in order]).cpu(),
     )
+
+
+def _dynamic_mask(
+    spec: tuple[str, dict[str, Any]],
+    layout: MaskLayout,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    perm: torch.Tensor | None,
+) -> torch.Tensor:
+    """bool ``(B, H, nB, nB)``: the dynamic pattern's mask for ``q, k (B, H, N, D)``, text rows/columns dense."""
+    from ..patterns import PATTERNS, force_text_dense, validate_pattern
+
+    name, params = spec
+    builder = PATTERNS[name].dynamic
+    if builder is None:
+        raise ValueError(f"pattern {name!r} is not dynamic")
+    p = None if perm is None else perm.to(q.device)
+    return force_text_dense(builder(layout, q, k, p, **validate_pattern(name, params)), layout)
 
 
 def relative_error(err_sq: torch.Tensor, ref_sq: torch.Tensor) -> torch.Tensor:
