@@ -301,6 +301,12 @@ def tiny_pipe():
     return load_tiny_pipeline()
 
 
+def _run(pipe, cfg, out, encode, **kw):
+    """``profile_pipeline`` on the tiny model with the deterministic cost model, quietly."""
+    kw = {"model_id": "tiny", "cost": CHEAP_SPARSE, "command": "x", "progress": False, **kw}
+    return profile_pipeline(pipe, cfg, out, encode=encode, **kw)
+
+
 def _strip_volatile(d):
     d = json.loads(json.dumps(d))
     d["calibration"].pop("date")
@@ -309,26 +315,8 @@ def _strip_volatile(d):
 
 def test_tiny_profile_is_deterministic_and_meets_its_budget(tiny_pipe, tmp_path):
     enc = default_encoder("tiny", tiny_pipe)
-    a = profile_pipeline(
-        tiny_pipe,
-        _cfg(),
-        tmp_path / "a.json",
-        model_id="tiny",
-        encode=enc,
-        cost=CHEAP_SPARSE,
-        command="x",
-        progress=False,
-    )
-    b = profile_pipeline(
-        tiny_pipe,
-        _cfg(),
-        tmp_path / "b.json",
-        model_id="tiny",
-        encode=enc,
-        cost=CHEAP_SPARSE,
-        command="x",
-        progress=False,
-    )
+    a = _run(tiny_pipe, _cfg(), tmp_path / "a.json", encode=enc)
+    b = _run(tiny_pipe, _cfg(), tmp_path / "b.json", encode=enc)
     assert _strip_volatile(a.to_dict()) == _strip_volatile(b.to_dict())
     assert not (tmp_path / "a.json.ckpt.json").exists()  # removed on success
     prof = Profile.load(tmp_path / "a.json")
@@ -412,9 +400,7 @@ def test_resume_continues_from_checkpoint(tiny_pipe, tmp_path):
 
     out = tmp_path / "p.json"
     with pytest.raises(RuntimeError, match="simulated"):
-        profile_pipeline(
-            tiny_pipe, cfg(), out, model_id="tiny", encode=failing, cost=CHEAP_SPARSE, progress=False
-        )
+        _run(tiny_pipe, cfg(), out, encode=failing)
     ckpt = tmp_path / "p.json.ckpt.json"
     assert ckpt.is_file() and not out.exists()
     assert list(json.loads(ckpt.read_text())["samples"]) == ["0"]
@@ -425,42 +411,14 @@ def test_resume_continues_from_checkpoint(tiny_pipe, tmp_path):
         calls.append(prompt)
         return enc(prompt)
 
-    resumed = profile_pipeline(
-        tiny_pipe,
-        cfg(),
-        out,
-        model_id="tiny",
-        encode=counting,
-        resume=True,
-        cost=CHEAP_SPARSE,
-        command="x",
-        progress=False,
-    )
+    resumed = _run(tiny_pipe, cfg(), out, encode=counting, resume=True)
     assert calls == ["a blue boat"]  # the first sample came from the checkpoint
-    fresh = profile_pipeline(
-        tiny_pipe,
-        cfg(),
-        tmp_path / "q.json",
-        model_id="tiny",
-        encode=enc,
-        cost=CHEAP_SPARSE,
-        command="x",
-        progress=False,
-    )
+    fresh = _run(tiny_pipe, cfg(), tmp_path / "q.json", encode=enc)
     assert _strip_volatile(resumed.to_dict()) == _strip_volatile(fresh.to_dict())
     # a checkpoint made with other settings is refused
     (tmp_path / "r.json.ckpt.json").write_text(ckpt_text)
     with pytest.raises(ProfilerError, match="other calibration settings"):
-        profile_pipeline(
-            tiny_pipe,
-            _cfg(steps=4, sample_steps=[0]),
-            tmp_path / "r.json",
-            model_id="tiny",
-            encode=enc,
-            resume=True,
-            cost=CHEAP_SPARSE,
-            progress=False,
-        )
+        _run(tiny_pipe, _cfg(steps=4, sample_steps=[0]), tmp_path / "r.json", encode=enc, resume=True)
 
 
 THREE = ["a red fox", "a blue boat", "a green tree"]
@@ -474,17 +432,7 @@ def _profile_on_rank(rank: int, world: int, pipe, out: Path) -> None:
         seen.append(prompt)
         return enc(prompt)
 
-    profile_pipeline(
-        pipe,
-        _cfg(prompts=THREE),
-        out,
-        model_id="tiny",
-        encode=counting,
-        resume=True,
-        cost=CHEAP_SPARSE,
-        command="x",
-        progress=False,
-    )
+    _run(pipe, _cfg(prompts=THREE), out, encode=counting, resume=True)
     (out.parent / f"seen{rank}.json").write_text(json.dumps(seen))
 
 
@@ -502,9 +450,7 @@ def test_two_processes_split_the_samples_and_write_the_one_process_profile(tiny_
         return enc(prompt)
 
     with pytest.raises(RuntimeError, match="simulated"):
-        profile_pipeline(
-            tiny_pipe, _cfg(prompts=THREE), out, model_id="tiny", encode=crash_after_first, cost=CHEAP_SPARSE
-        )
+        _run(tiny_pipe, _cfg(prompts=THREE), out, encode=crash_after_first)
     assert list(json.loads((tmp_path / "p.json.ckpt.json").read_text())["samples"]) == ["0"]
 
     run_ranks(_profile_on_rank, 2, tiny_pipe, out)
@@ -513,16 +459,7 @@ def test_two_processes_split_the_samples_and_write_the_one_process_profile(tiny_
     assert not list(tmp_path.glob("p.json.ckpt*"))  # every rank's checkpoint and the old one are gone
     two = Profile.load(out).to_dict()
     assert two["calibration"].pop("processes") == 2
-    one = profile_pipeline(
-        tiny_pipe,
-        _cfg(prompts=THREE),
-        tmp_path / "one.json",
-        model_id="tiny",
-        encode=enc,
-        cost=CHEAP_SPARSE,
-        command="x",
-        progress=False,
-    ).to_dict()
+    one = _run(tiny_pipe, _cfg(prompts=THREE), tmp_path / "one.json", encode=enc).to_dict()
     assert one["calibration"].pop("processes") == 1
     assert _strip_volatile(two) == _strip_volatile(one)
 
@@ -539,15 +476,7 @@ def test_target_psnr_picks_the_sparsest_budget_that_reaches_it(tiny_pipe, tmp_pa
 
     ladder = {}
     for b in PSNR_BUDGETS:
-        prof = profile_pipeline(
-            tiny_pipe,
-            _cfg(budget=b, **kw),
-            tmp_path / f"b{b}.json",
-            model_id="tiny",
-            encode=enc,
-            cost=CHEAP_SPARSE,
-            progress=False,
-        )
+        prof = _run(tiny_pipe, _cfg(budget=b, **kw), tmp_path / f"b{b}.json", encode=enc)
         ladder[b] = psnr(prof.summary)
     values = [ladder[b] for b in PSNR_BUDGETS]
     assert values == sorted(values), values  # sparser budgets lose PSNR on this model (bisection's premise)
@@ -558,16 +487,7 @@ def test_target_psnr_picks_the_sparsest_budget_that_reaches_it(tiny_pipe, tmp_pa
     want = next(b for b in PSNR_BUDGETS if ladder[b] >= target)
     assert want == PSNR_BUDGETS[i + 1]
 
-    got = profile_pipeline(
-        tiny_pipe,
-        _cfg(budget=None, target_psnr=target, **kw),
-        tmp_path / "t.json",
-        model_id="tiny",
-        encode=enc,
-        cost=CHEAP_SPARSE,
-        command="x",
-        progress=False,
-    )
+    got = _run(tiny_pipe, _cfg(budget=None, target_psnr=target, **kw), tmp_path / "t.json", encode=enc)
     assert got.summary["budget"] == want and got.summary["target_psnr"] == target
     assert psnr(got.summary) == ladder[want] >= target
     same = Profile.load(tmp_path / f"b{want}.json")
