@@ -35,6 +35,7 @@ from dit_sparse.profiler import (
     search,
 )
 from dit_sparse.profiler.run import default_encoder
+from dit_sparse.profiler.search import is_step_cached
 from dit_sparse.profiler.stats import block_rows, sample_query_blocks
 
 CHEAP_SPARSE = CostModel(overhead_s=0.0, per_block_s=1e-6, dense_s=1.0)  # deterministic: sparse always pays
@@ -235,13 +236,15 @@ def test_search_gives_draft_guidance_to_a_planted_scattered_head():
     err = (st.err_sq / st.ref_sq).sqrt()  # (C, 2)
     blocks = candidate_blocks(cands, masks)
     reorders = torch.tensor([p is not None for p in perms])
-    dynamic = torch.tensor([d is not None for d in dyn])
+    cached = torch.tensor([d is not None and is_step_cached(d) for d in dyn])
+    dynamic = torch.tensor([d is not None for d in dyn]) & ~cached
     names = [c[0] for c in cands]
     every = err[None, None].expand(1, 4, -1, -1)  # the same statistics at every step of 4
-    r = search(every, [0, 1, 2, 3], 4, blocks, names.index("dense"), CHEAP_SPARSE, 0.05, reorders, dynamic)
+    flags = (reorders, dynamic, cached)
+    r = search(every, [0, 1, 2, 3], 4, blocks, names.index("dense"), CHEAP_SPARSE, 0.05, *flags)
     head0, head1 = (cands[c] for c in r.choice[0])
     assert head0[0] == "draft" and head1 == ("dense", {}), (head0, head1)
-    static_fits = [c for c in range(len(cands)) if not dynamic[c] and float(err[c, 0]) <= 0.05]
+    static_fits = [c for c in range(len(cands)) if dyn[c] is None and float(err[c, 0]) <= 0.05]
     assert [cands[c][0] for c in static_fits] == ["dense"]  # nothing static but dense catches head 0
     # independently: head 0 with its draft mask, fp64 over every row, in the candidate's token order
     from dit_sparse.patterns.dynamic import draft_mask
@@ -257,8 +260,56 @@ def test_search_gives_draft_guidance_to_a_planted_scattered_head():
     assert float(m.float().mean()) < 0.25  # and it is sparse
     # the mask building counts: when it costs more than the blocks it saves, head 0 stays dense
     dear = CostModel(0.0, 1e-6, 1.0, draft_s=1.0)
-    r2 = search(every, [0, 1, 2, 3], 4, blocks, names.index("dense"), dear, 0.05, reorders, dynamic)
-    assert [cands[c][0] for c in r2.choice[0]] == ["dense", "dense"] and r2.dense_layers == [0]
+    r2 = search(every, [0, 1, 2, 3], 4, blocks, names.index("dense"), dear, 0.05, *flags)
+    assert cands[r2.choice[0][0]][0] == "lse_topk"  # the step-cached exact top blocks catch it too, ...
+    assert r2.predicted_seconds == pytest.approx(4 * 1e-6 * float(blocks[r2.choice[0]].sum()))
+    dearer = CostModel(0.0, 1e-6, 1.0, draft_s=1.0, lse_s=2.0)  # ... unless their exact block mass costs more
+    r3 = search(every, [0, 1, 2, 3], 4, blocks, names.index("dense"), dearer, 0.05, *flags)
+    assert [cands[c][0] for c in r3.choice[0]] == ["dense", "dense"] and r3.dense_layers == [0]
+    assert CostModel(0.0, 1e-6, 1.0, lse_s=0.4).sparse_call(100, cached=True) == pytest.approx(1e-4 + 0.2)
+
+
+def test_step_cached_candidates_are_measured_with_the_mask_of_the_step_before():
+    """lse_topk(refresh=2) at sampled step 1 runs the mask step 0 built: the collector builds it at step 0 (not a
+    sampled step) and measures it on step 1's q/k/v. Oracle: fp64 block mass of step 0, top 2 blocks per row plus
+    the diagonal, fp64 attention error on step 1."""
+    from types import SimpleNamespace
+
+    from dit_sparse.profiler.run import Collector
+
+    layout = MaskLayout((3, 5, 6), block_size=16)  # 90 tokens, 6 blocks (the last partial)
+    n, nb, bs = layout.seq_len, 6, 16
+    g = torch.Generator().manual_seed(4)
+    q0, k0, v1 = (torch.randn(1, 2, n, 24, generator=g) for _ in range(3))
+    q1, k1 = q0 + 0.7 * torch.randn(q0.shape, generator=g), k0 + 0.7 * torch.randn(k0.shape, generator=g)
+    collector = Collector(_cfg(sample_steps=[1]), {"cost": CHEAP_SPARSE.to_dict()})
+    inputs = SimpleNamespace(grid=layout.grid, num_text=0, text_first=False)
+    capture = collector.bind(SimpleNamespace(state=SimpleNamespace(inputs=inputs)))
+    capture(0, 0, q0, k0, torch.randn(1, 2, n, 24), "bhsd")
+    capture(0, 1, q1, k1, v1, "bhsd")
+    errors = collector.errors()
+    assert list(errors) == ["0,1"]  # step 0 only built masks
+    specs = collector.state["candidate_specs"]
+    c = next(i for i, (name, p) in enumerate(specs) if name == "lse_topk" and p["budget"] == 0.2)
+    got = torch.tensor(errors["0,1"][c])
+
+    def top2_mask(q, k):
+        p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(24), dim=-1)  # (1, 2, N, N)
+        pad = nb * bs - n
+        per_key = torch.nn.functional.pad(p, (0, pad)).view(1, 2, n, nb, bs).sum(-1)  # (1, 2, N, nB)
+        rows = torch.nn.functional.pad(per_key, (0, 0, 0, pad)).view(1, 2, nb, bs, nb).sum(3)
+        mass = rows / torch.tensor([bs] * (nb - 1) + [n - (nb - 1) * bs]).view(1, 1, nb, 1)
+        keep = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, mass.topk(2, dim=-1).indices, True)
+        return keep | torch.eye(nb, dtype=torch.bool)
+
+    def rel(mask):
+        qq, kk, vv = (x.double() for x in (q1, k1, v1))
+        dense = reference_attention(qq, kk, vv, None, bs)
+        diff = reference_attention(qq, kk, vv, mask, bs) - dense
+        return (diff**2).sum(dim=(0, 2, 3)).sqrt() / (dense**2).sum(dim=(0, 2, 3)).sqrt()
+
+    torch.testing.assert_close(got.double(), rel(top2_mask(q0, k0)), atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got.double(), rel(top2_mask(q1, k1)), atol=1e-3)  # not the fresh mask's error
 
 
 def test_choose_heads_and_search_rules():
@@ -346,16 +397,18 @@ def test_tiny_profile_is_deterministic_and_meets_its_budget(tiny_pipe, tmp_path)
         specs = prof.layers[layer]
         num = torch.zeros(len(specs), dtype=torch.float64)
         den = torch.zeros_like(num)
-        for q, k, v, grid in calls:
+        for call, (q, k, v, grid) in enumerate(calls):
             layout = MaskLayout(grid, block_size=prof.block_size)
             for h, spec in enumerate(specs):  # each head in its own token order, with its own (step) mask
                 perm = build_pattern_perm(spec.pattern, spec.params, layout, "cpu")
                 idx = torch.arange(layout.seq_len) if perm is None else perm
                 qh, kh, vh = (x[:, h : h + 1, idx] for x in (q, k, v))
-                if is_dynamic(spec.pattern):
+                if is_dynamic(spec.pattern):  # built at the last refresh step (sparse steps w, w + r, ...)
                     builder = PATTERNS[spec.pattern].dynamic
                     params = validate_pattern(spec.pattern, spec.params)
-                    mask = builder(layout, q[:, h : h + 1].float(), k[:, h : h + 1].float(), perm, **params)
+                    r, w = max(1, params["refresh"] or 1), prof.schedule.dense_steps
+                    qr, kr, _, _ = captured[(layer, w + (step - w) // r * r)][call]
+                    mask = builder(layout, qr[:, h : h + 1].float(), kr[:, h : h + 1].float(), perm, **params)
                 else:
                     mask = build_layer_mask([(spec.pattern, spec.params)], layout, "cpu")
                 o = reference_attention(qh, kh, vh, mask, prof.block_size)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..patterns import MaskLayout
+from ..patterns import MaskLayout, validate_pattern
 from ..profile import HeadSpec, Profile, Schedule, atomic_write_text
 from .search import (
     Candidate,
@@ -40,6 +40,7 @@ from .search import (
     candidate_masks,
     candidate_perms,
     describe,
+    is_step_cached,
     mean_density,
     search,
     search_density,
@@ -145,6 +146,12 @@ class Collector:
         self.cfg = cfg
         self.state = state  # shared with the checkpoint: layout, candidates, cost model
         self.sampled = set(cfg.sample_steps or [])
+        # step-cached candidates are measured with the mask of the step before a sampled step (built there)
+        self.prefetch = {s - 1 for s in self.sampled if s >= 1} - self.sampled
+        self.calls: dict[
+            tuple[int, int], int
+        ] = {}  # (layer, step) -> calls seen (CFG may call a layer twice)
+        self.cached: dict[tuple[int, int], dict[int, torch.Tensor]] = {}  # (layer, call) -> candidate -> mask
         self.acc: dict[
             tuple[int, int], list[torch.Tensor]
         ] = {}  # (layer, step) -> [err_sq (C,H), ref_sq (H,)]
@@ -156,13 +163,19 @@ class Collector:
 
     def bind(self, binding: Any) -> Callable[..., None]:
         def capture(layer: int, step: int, q: Any, k: Any, v: Any, layout: str) -> None:
-            if step not in self.sampled:
+            if step not in self.sampled and step not in self.prefetch:
                 return
             if layout == "bshd":
                 q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D)
             inputs = binding.state.inputs
             self._setup(inputs.grid, inputs.num_text, inputs.text_first, q)
             assert self.masks is not None
+            call = self.calls.get((layer, step), 0)
+            self.calls[(layer, step)] = call + 1
+            previous = self.cached.get((layer, call), {})
+            self.cached[(layer, call)] = self._step_cached_masks(q, k)
+            if step not in self.sampled:
+                return
             st = call_stats(
                 q,
                 k,
@@ -174,6 +187,7 @@ class Collector:
                 perms=self.perms,
                 dynamic=self.dynamic,
                 layout=self.layout,
+                given={c: m for c, m in previous.items() if m.shape[0] == q.shape[0]},
             )
             slot = self.acc.setdefault(
                 (layer, step), [torch.zeros_like(st.err_sq), torch.zeros_like(st.ref_sq)]
@@ -184,6 +198,25 @@ class Collector:
                 self.bar.set_postfix_str(f"layer {layer} step {step}", refresh=False)
 
         return capture
+
+    def _step_cached_masks(self, q: torch.Tensor, k: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Masks of the step-cached candidates from this call (one exact block-mass pass shared by all budgets)."""
+        from ..patterns import force_text_dense
+        from ..patterns.dynamic import exact_block_mass, select_blocks
+
+        cands = [
+            (c, spec) for c, spec in enumerate(self.dynamic) if spec is not None and is_step_cached(spec)
+        ]
+        if not cands:
+            return {}
+        assert self.layout is not None
+        probs = exact_block_mass(q, k, self.layout.block_size)  # (B, H, nB, nB)
+        out = {}
+        for c, spec in cands:
+            params = validate_pattern(*spec)
+            mass = None if params["mass"] is None else float(params["mass"])
+            out[c] = force_text_dense(select_blocks(probs, float(params["budget"]), mass), self.layout)
+        return out
 
     def _setup(self, grid: tuple[int, int, int], num_text: int, text_first: bool, q: torch.Tensor) -> None:
         shape = {"grid": list(grid), "num_text": int(num_text), "text_first": bool(text_first)}
@@ -440,7 +473,9 @@ def _search(base: Profile, cfg: ProfileConfig, data: dict[str, Any]) -> tuple[Pr
     specs: list[Candidate] = [(n, dict(p)) for n, p in state["candidate_specs"]]
     masks = torch.stack([build_layer_mask([c], layout, "cpu")[0, 0] for c in specs])  # (C, nB, nB)
     blocks = candidate_blocks(specs, masks)  # (C,)
-    dynamic = torch.tensor([d is not None for d in candidate_dynamic(specs)])
+    kinds = candidate_dynamic(specs)
+    cached = torch.tensor([d is not None and is_step_cached(d) for d in kinds])
+    dynamic = torch.tensor([d is not None for d in kinds]) & ~cached
     total = layout.num_blocks**2
     dense_index = [n for n, _ in specs].index("dense")
     reorders = torch.tensor([p is not None for p in candidate_perms(specs, layout)])
@@ -449,11 +484,13 @@ def _search(base: Profile, cfg: ProfileConfig, data: dict[str, Any]) -> tuple[Pr
     cost = CostModel.from_dict(state["cost"])
     if cfg.density is not None:
         result = search_density(
-            errors, steps, cfg.steps, blocks, dense_index, cost, cfg.density, total, reorders, dynamic
+            errors, steps, cfg.steps, blocks, dense_index, cost, cfg.density, total, reorders, dynamic, cached
         )
     else:
         assert cfg.budget is not None
-        result = search(errors, steps, cfg.steps, blocks, dense_index, cost, cfg.budget, reorders, dynamic)
+        result = search(
+            errors, steps, cfg.steps, blocks, dense_index, cost, cfg.budget, reorders, dynamic, cached
+        )
     prof = base
     prof.block_size = state["block_size"]
     prof.layers = [

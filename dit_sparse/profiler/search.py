@@ -9,7 +9,9 @@ Cost model (calibrated on the real kernel, ``impl`` as used at generation time, 
 PARO; ``draft``'s patch order): the kernel gathers q, k, v and scatters the output for all heads at once.
 ``draft_s`` (building draft-guidance masks: pooled q/k, a low-resolution attention map, top blocks per row) is paid
 once per layer call when any head is a ``draft`` candidate; those are proposed with ``refresh=1`` (a fresh mask every
-step, exactly what the statistics measured). A draft head's computed blocks are its top ``ceil(budget·nB)`` blocks
+step, exactly what the statistics measured). ``lse_s`` (the exact block attention mass, a full attention pass) is
+paid every ``STEP_CACHED_REFRESH`` steps when any head is a step-cached ``lse_topk`` candidate (amortised: ``lse_s /
+STEP_CACHED_REFRESH`` per call); their errors are measured with the mask of the step before (the worst staleness). A draft head's computed blocks are its top ``ceil(budget·nB)`` blocks
 per row plus its always-kept ones (diagonal, text): an upper bound, as the top blocks may include those.
 
 ``per_block_s`` and ``overhead_s`` come from timing ``sparse_attention`` at two densities (every block, and a
@@ -21,9 +23,9 @@ computes whole tiles).
 
 Search, per layer and head: the cheapest candidate (fewest computed blocks; ties: lower error, then candidate
 order) whose worst relative output error over the calibration samples and the sampled sparse steps fits the budget;
-``dense`` always fits. A layer where some head picked a reordering is also priced with its heads restricted to
-raster-order static candidates (no ``permute_s``, no ``draft_s``), and the cheaper of the two is kept; so is a layer
-where some head picked draft guidance. Then per layer: if the predicted
+``dense`` always fits. A layer where some head picked a candidate with a per-layer cost (a reordering:
+``permute_s``; draft guidance: ``draft_s``; a step-cached mask: ``lse_s``) is also priced with every combination of
+those kinds forbidden to its heads, and the cheapest kept (ties: the first choice). Then per layer: if the predicted
 sparse call is not cheaper than dense, the layer runs dense.
 Then the dense warm-up: every ``w`` in ``{0} ∪ {s + 1 : s sampled}`` is tried (steps before ``w`` dense, errors of
 steps ``>= w`` only), and the ``w`` with the lowest predicted total attention time wins (ties: smaller ``w``).
@@ -31,6 +33,8 @@ steps ``>= w`` only), and the ``w`` with the lowest predicted total attention ti
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -78,10 +82,19 @@ def candidate_grid(layout: MaskLayout) -> list[Candidate]:
             cands.append(("reorder_window", {"order": order, "blocks": blocks}))
     for budget in DRAFT_BUDGETS:  # dynamic: the mask is built from each step's q/k (refresh every step)
         cands.append(("draft", {"budget": budget, "refresh": 1}))
+    for budget in STEP_CACHED_BUDGETS:  # exact block mass at a refresh step, reused at the next
+        cands.append(("lse_topk", {"budget": budget, "refresh": STEP_CACHED_REFRESH}))
     return cands
 
 
 DRAFT_BUDGETS = (0.1, 0.2, 0.35)  # fractions of the key blocks each query block keeps
+STEP_CACHED_BUDGETS = (0.1, 0.2)
+STEP_CACHED_REFRESH = 2  # lse_topk candidates rebuild their mask every other step
+
+
+def is_step_cached(cand: Candidate) -> bool:
+    """A candidate whose mask is built at a refresh step and reused at later steps (``lse_topk``, refresh > 1)."""
+    return cand[0] == "lse_topk" and int(cand[1].get("refresh") or 0) > 1
 
 
 def candidate_blocks(cands: list[Candidate], masks: torch.Tensor) -> torch.Tensor:
@@ -102,8 +115,9 @@ def candidate_dynamic(cands: list[Candidate]) -> list[Candidate | None]:
 
 
 def candidate_masks(cands: list[Candidate], layout: MaskLayout) -> tuple[list[Candidate], torch.Tensor]:
-    """Masks ``bool (C, nB, nB)`` (text forced dense; a reordering candidate's mask is in its permuted order) for the
-    candidates; later duplicates (same mask and same token order) are dropped."""
+    """Masks ``bool (C, nB, nB)`` (text forced dense; a reordering candidate's mask is in its permuted order; a
+    dynamic one's always-kept blocks) for the candidates; later duplicates (same mask and same token order, static
+    candidates only) are dropped."""
     kept: list[Candidate] = []
     masks: list[torch.Tensor] = []
     seen: set[bytes] = set()
@@ -111,6 +125,8 @@ def candidate_masks(cands: list[Candidate], layout: MaskLayout) -> tuple[list[Ca
         m = build_layer_mask([(name, params)], layout, "cpu")[0, 0]  # (nB, nB)
         perm = _candidate_perm((name, params), layout)
         key = m.numpy().tobytes() + (b"" if perm is None else perm.numpy().tobytes())
+        if is_dynamic(name):  # its mask is chosen at run time: its static part says nothing about it
+            key += pattern_name(name, params).encode()
         if name != "dense" and key in seen:  # "dense" stays even if "full"-shaped (it runs SDPA)
             continue
         seen.add(key)
@@ -142,9 +158,15 @@ class CostModel:
     source: str = "given"
     permute_s: float = 0.0  # gather q/k/v + scatter o, once per layer call when any head reorders
     draft_s: float = 0.0  # building the draft-guidance masks of one layer call
+    lse_s: float = (
+        0.0  # the exact block attention mass of one layer call (step-cached masks, at refresh steps)
+    )
 
-    def sparse_call(self, blocks: float, reorders: bool = False, dynamic: bool = False) -> float:
+    def sparse_call(
+        self, blocks: float, reorders: bool = False, dynamic: bool = False, cached: bool = False
+    ) -> float:
         extra = (self.permute_s if reorders else 0.0) + (self.draft_s if dynamic else 0.0)
+        extra += self.lse_s / STEP_CACHED_REFRESH if cached else 0.0
         return self.overhead_s + self.per_block_s * blocks + extra
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +181,7 @@ class CostModel:
             str(d.get("source", "")),
             float(d.get("permute_s", 0.0)),
             float(d.get("draft_s", 0.0)),
+            float(d.get("lse_s", 0.0)),
         )
 
 
@@ -188,7 +211,7 @@ def calibrate_cost_model(
     """Time the real kernel at two densities (every block; a band of ~1/4 of the blocks), the band again with a
     token permutation, dense SDPA, and (given the call's ``layout``) building draft-guidance masks for all heads."""
     from ..kernels import sparse_attention
-    from ..patterns.dynamic import draft_mask
+    from ..patterns.dynamic import draft_mask, exact_block_mass
 
     bsz, heads, n, dim = shape
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -209,6 +232,7 @@ def calibrate_cost_model(
     if layout is not None and layout.seq_len == n and layout.block_size == block_size:
         draft_perm = build_pattern_perm("draft", {"budget": 0.2}, layout, device)
         t_draft = _median_time(lambda: draft_mask(layout, q, k, draft_perm, 0.2, None), reps, device)
+    t_lse = _median_time(lambda: exact_block_mass(q, k, block_size), reps, device)
     b_full, b_band = heads * nb * nb, heads * int(band.sum())
     per_block = max((t_full - t_band) / max(1, b_full - b_band), 1e-12)  # slope per (head, block pair)
     overhead = max(t_full - per_block * b_full, 0.0)
@@ -219,6 +243,7 @@ def calibrate_cost_model(
         source=f"timed {impl} on {device.type} {shape}",
         permute_s=max(t_perm - t_band, 0.0),
         draft_s=t_draft,
+        lse_s=t_lse,
     )
 
 
@@ -267,10 +292,11 @@ def search(
     budget: float,
     reorders: torch.Tensor | None = None,
     dynamic: torch.Tensor | None = None,
+    cached: torch.Tensor | None = None,
 ) -> SearchResult:
     """``errors (L, S, C, H)``: worst relative error over calibration samples per (layer, sampled step,
-    candidate, head); ``reorders`` / ``dynamic`` (bool ``(C,)``): candidates that permute tokens / build their mask
-    at run time. See the module docstring."""
+    candidate, head); ``reorders`` / ``dynamic`` / ``cached`` (bool ``(C,)``): candidates that permute tokens /
+    build their mask every step / build it at refresh steps. See the module docstring."""
     if budget < 0 or math.isnan(budget):
         raise ValueError(f"budget must be a relative error >= 0, got {budget}")
     num_layers = errors.shape[0]
@@ -280,11 +306,21 @@ def search(
     no = torch.zeros(num_c, dtype=torch.bool)
     reorders = no if reorders is None else reorders
     dynamic = no if dynamic is None else dynamic
-    extras = reorders | dynamic
+    cached = no if cached is None else cached
+    extras = reorders | dynamic | cached
+    kinds = [k for k in (reorders, dynamic, cached) if bool(k.any())]
+    forbids = [  # every non-empty combination of kinds, the single kinds first, all of them last
+        functools.reduce(torch.logical_or, combo)
+        for size in range(1, len(kinds) + 1)
+        for combo in itertools.combinations(kinds, size)
+    ]
 
     def layer_t(c: torch.Tensor) -> float:
         return cost.sparse_call(
-            float(blocks[c].sum()), reorders=bool(reorders[c].any()), dynamic=bool(dynamic[c].any())
+            float(blocks[c].sum()),
+            reorders=bool(reorders[c].any()),
+            dynamic=bool(dynamic[c].any()),
+            cached=bool(cached[c].any()),
         )
 
     best: SearchResult | None = None
@@ -298,11 +334,13 @@ def search(
             c = choose_heads(e, blocks, budget, dense_index)
             heads_worst = e.amax(dim=0) if len(keep) else torch.zeros(errors.shape[2:], dtype=errors.dtype)
             sparse_t = layer_t(c)
-            if bool(extras[c].any()):  # also priced with raster-order static heads only; the cheaper is kept
-                c_plain = choose_heads(e, blocks, budget, dense_index, allowed=~extras)
-                plain_t = layer_t(c_plain)
-                if plain_t <= sparse_t:
-                    c, sparse_t = c_plain, plain_t
+            # a per-layer cost (permutation, mask building) may cost more than the blocks it saves: the layer is
+            # also priced with each combination of those kinds forbidden, and the cheapest kept
+            for forbid in forbids if bool(extras[c].any()) else []:
+                c_alt = choose_heads(e, blocks, budget, dense_index, allowed=~forbid)
+                alt_t = layer_t(c_alt)
+                if alt_t < sparse_t:
+                    c, sparse_t = c_alt, alt_t
             if bool((c == dense_index).all()) or sparse_t >= cost.dense_s:
                 c = torch.full((num_heads,), dense_index, dtype=torch.long)
                 dense_layers.append(layer)
@@ -329,6 +367,7 @@ def search_density(
     total_blocks: int,
     reorders: torch.Tensor | None = None,
     dynamic: torch.Tensor | None = None,
+    cached: torch.Tensor | None = None,
 ) -> SearchResult:
     """The smallest error budget whose profile has mean head density ``<= target`` (density of a head = its
     candidate's blocks / all blocks; dense layers count 1). If even the loosest budget misses the target, that
@@ -341,7 +380,16 @@ def search_density(
     while lo <= hi:  # density is non-increasing in the budget: bisect
         mid = (lo + hi) // 2
         r = search(
-            errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[mid], reorders, dynamic
+            errors,
+            steps_sampled,
+            num_steps,
+            blocks,
+            dense_index,
+            cost,
+            budgets[mid],
+            reorders,
+            dynamic,
+            cached,
         )
         if mean_density(r, blocks, total_blocks) <= target:
             result, hi = r, mid - 1
@@ -349,7 +397,16 @@ def search_density(
             lo = mid + 1
     if result is None:
         result = search(
-            errors, steps_sampled, num_steps, blocks, dense_index, cost, budgets[-1], reorders, dynamic
+            errors,
+            steps_sampled,
+            num_steps,
+            blocks,
+            dense_index,
+            cost,
+            budgets[-1],
+            reorders,
+            dynamic,
+            cached,
         )
     return result
 

@@ -9,9 +9,9 @@ For one self-attention call (q, k, v ``(B, H, N, D)``) and a list of candidate b
   ``O`` is exact fp32 softmax attention and ``O_c`` is :func:`dit_sparse.kernels.sparse_attention` (the kernel that
   will run, ``impl`` as requested) with the candidate's mask.
 
-A *dynamic* candidate (``dynamic[c]``: draft guidance) has no fixed mask: its per-head mask is built from this
-call's q/k by the pattern's own builder (what the processor does at a refresh step; the profiler proposes it with
-``refresh=1``, so every step runs exactly the measured mask) and its error measured with that mask.
+A *dynamic* candidate (``dynamic[c]``: draft guidance, lse_topk) has no fixed mask: its per-head mask is built
+from this call's q/k by the pattern's own builder (what the processor does at a refresh step) and its error measured
+with that mask, or with a mask the caller gives (``given[c]``: a step-cached candidate's mask from an earlier step).
 
 A candidate that reorders tokens (``perms[c]``, PARO's axis orders) has its mask in permuted order: its error and
 coverage are measured the same way on the permuted q/k/v (the sampled query blocks are then blocks of the permuted
@@ -112,11 +112,13 @@ def call_stats(
     perms: list[torch.Tensor | None] | None = None,
     dynamic: list[tuple[str, dict[str, Any]] | None] | None = None,
     layout: MaskLayout | None = None,
+    given: dict[int, torch.Tensor] | None = None,
 ) -> CallStats:
     """Statistics of one self-attention call. ``q, k, v``: ``(B, H, N, D)``; ``masks``: bool ``(C, nB, nB)`` one
     per candidate (text rows/columns already forced); ``perms``: per candidate None (raster order) or its token
     permutation ``int64 [N]`` (permuted position ``i`` holds token ``perm[i]``; its mask is in that order);
-    ``dynamic``: per candidate None or its (pattern, params) whose mask is built from ``q, k`` (needs ``layout``)."""
+    ``dynamic``: per candidate None or its (pattern, params) whose mask is built from ``q, k`` (needs ``layout``);
+    ``given``: candidate -> bool ``(B, H, nB, nB)`` mask to measure instead (a step-cached mask of an earlier step)."""
     from ..kernels import sparse_attention
 
     n = q.shape[2]
@@ -157,7 +159,9 @@ def call_stats(
         mass_mean = mass_g.mean(dim=0)  # (H, nSel, nB)
         for c in members:
             spec = dynamic[c]
-            if spec is None:
+            if given is not None and c in given:
+                full = given[c].to(q.device)  # (B, H, nB, nB)
+            elif spec is None:
                 full = masks[c][None, None]  # (1, 1, nB, nB)
             else:  # built from this call's q/k in original order, returned in the candidate's token order
                 assert layout is not None
