@@ -376,38 +376,21 @@ def search_density(
         raise ValueError(f"target density must be in (0, 1], got {target}")
     budgets = sorted({0.0, *(float(x) for x in errors.flatten().tolist() if math.isfinite(x))})
     result: SearchResult | None = None
+
+    def at(budget: float) -> SearchResult:
+        flags = (reorders, dynamic, cached)
+        return search(errors, steps_sampled, num_steps, blocks, dense_index, cost, budget, *flags)
+
     lo, hi = 0, len(budgets) - 1
     while lo <= hi:  # density is non-increasing in the budget: bisect
         mid = (lo + hi) // 2
-        r = search(
-            errors,
-            steps_sampled,
-            num_steps,
-            blocks,
-            dense_index,
-            cost,
-            budgets[mid],
-            reorders,
-            dynamic,
-            cached,
-        )
+        r = at(budgets[mid])
         if mean_density(r, blocks, total_blocks) <= target:
             result, hi = r, mid - 1
         else:
             lo = mid + 1
     if result is None:
-        result = search(
-            errors,
-            steps_sampled,
-            num_steps,
-            blocks,
-            dense_index,
-            cost,
-            budgets[-1],
-            reorders,
-            dynamic,
-            cached,
-        )
+        result = at(budgets[-1])
     return result
 
 
