@@ -172,8 +172,9 @@ class Collector:
             assert self.masks is not None
             call = self.calls.get((layer, step), 0)
             self.calls[(layer, step)] = call + 1
-            previous = self.cached.get((layer, call), {})
-            self.cached[(layer, call)] = self._step_cached_masks(q, k)
+            previous = self.cached.pop((layer, call), {})
+            if step + 1 in self.sampled:  # the next step is measured with the masks this one builds
+                self.cached[(layer, call)] = self._step_cached_masks(q, k)
             if step not in self.sampled:
                 return
             st = call_stats(
