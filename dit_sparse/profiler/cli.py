@@ -136,10 +136,9 @@ def run_profile(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     seeds = _ints(args.seeds, "--seeds")
     sample_steps = _ints(args.sample_steps, "--sample-steps") if args.sample_steps else None
-    if (
-        args.force and not args.resume and rank == 0
-    ):  # --force alone starts over; with --resume it only allows
-        for path in ckpts:  # replacing --out
+    # --force alone starts over (rank 0 drops every checkpoint); with --resume it only allows replacing --out
+    if args.force and not args.resume and rank == 0:
+        for path in ckpts:
             path.unlink(missing_ok=True)
     if world > 1:
         import torch.distributed as dist
