@@ -30,7 +30,6 @@ import functools
 import gc
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -55,9 +54,11 @@ from .kernel import (
     _fmt_x,
     _reason,
     _timer,
+    cli_entry,
     default_out_dir,
     format_markdown,
     format_plain,
+    markdown_head,
     resolve_device,
     result_header,
     write_results,
@@ -851,18 +852,11 @@ def _model_lines(result: dict) -> list[str]:
 
 
 def render_markdown(result: dict) -> str:
-    v = result["versions"]
     st = result["settings"]
-    lines = [f"# dit-sparse end-to-end benchmark: {result['device_name']}", ""]
-    if result["note"]:
-        lines += [f"**{result['note']}**", ""]
-    lines += [
-        f"- command: `{result['command']}`",
-        f"- started: {result['started_at']}, device: {result['device']}, dtype: {st['dtype']}, block size: "
-        f"{st['block_size']}, timer: {st['timer']}, reps {st['reps']} after {st['warmup']} warm-up steps",
-        f"- torch {v['torch']}, diffusers {v.get('diffusers')}, triton {v['triton']}, CUDA {v['cuda']}, cuDNN "
-        f"{v['cudnn']}, dit-sparse {v['dit_sparse']} ({v['git_commit'] or 'no git'})",
-        "",
+    lines = [
+        *markdown_head(
+            "end-to-end benchmark", result, f", reps {st['reps']} after {st['warmup']} warm-up steps"
+        ),
         "## Models",
         "",
         *(f"- {line}" for line in _model_lines(result)),
@@ -927,20 +921,12 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, P
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``dit-sparse bench e2e``: 0 when every configuration ran (or was skipped with a reason),
     1 when a model or a measurement failed, 2 on bad options."""
-    try:
-        settings = resolve_settings(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    result, _ = run(settings, log)
-    failed = [r for r in result["rows"] if r["error"]] + [m for m in result["models"] if m["error"]]
-    if failed:
-        print(
-            f"error: {len(failed)} model(s)/measurement(s) failed, see 'error' in the JSON", file=sys.stderr
-        )
-        return 1
-    return 0
+    return cli_entry(
+        args,
+        resolve_settings,
+        run,
+        "model(s)/measurement(s)",
+        lambda result: (
+            [r for r in result["rows"] if r["error"]] + [m for m in result["models"] if m["error"]]
+        ),
+    )

@@ -676,19 +676,28 @@ def _explain(result: dict) -> list[str]:
     ]
 
 
-def render_markdown(result: dict) -> str:
-    sparse, dense = table_rows(result)
-    v = result["versions"]
-    lines = [f"# dit-sparse kernel benchmark: {result['device_name']}", ""]
+def markdown_head(title: str, result: dict, settings_tail: str = "") -> list[str]:
+    """The lines every benchmark's Markdown starts with: title, note, command, device and settings, versions."""
+    v, st = result["versions"], result["settings"]
+    lines = [f"# dit-sparse {title}: {result['device_name']}", ""]
     if result["note"]:
         lines += [f"**{result['note']}**", ""]
-    lines += [
+    diffusers = f", diffusers {v['diffusers']}" if v.get("diffusers") else ""
+    return [
+        *lines,
         f"- command: `{result['command']}`",
-        f"- started: {result['started_at']}, device: {result['device']}, dtype: {result['settings']['dtype']}, "
-        f"block size: {result['settings']['block_size']}, timer: {result['settings']['timer']}",
-        f"- torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, "
+        f"- started: {result['started_at']}, device: {result['device']}, dtype: {st['dtype']}, "
+        f"block size: {st['block_size']}, timer: {st['timer']}{settings_tail}",
+        f"- torch {v['torch']}{diffusers}, triton {v['triton']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, "
         f"dit-sparse {v['dit_sparse']} ({v['git_commit'] or 'no git'})",
         "",
+    ]
+
+
+def render_markdown(result: dict) -> str:
+    sparse, dense = table_rows(result)
+    lines = [
+        *markdown_head("kernel benchmark", result),
         "## Sparse",
         "",
         format_markdown(SPARSE_COLUMNS, sparse),
@@ -900,16 +909,34 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, P
     )
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Entry point of ``dit-sparse bench kernel``: 0 when every sparse measurement ran, 1 otherwise."""
-    settings = resolve_settings(args)
+def cli_entry(
+    args: argparse.Namespace,
+    resolve: Callable[[argparse.Namespace], Any],
+    run_fn: Callable[[Any, Callable[[str], None]], tuple[dict, Path]],
+    what: str,
+    failures: Callable[[dict], list[dict]] | None = None,
+) -> int:
+    """The ``dit-sparse bench ...`` entry points: settings from ``args`` (a ``ValueError`` is a bad option: exit 2
+    with its message), the run with line-flushed logging, exit 1 when ``failures(result)`` (default: the rows with
+    an ``error``) is not empty, else 0."""
+    try:
+        settings = resolve(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    result, _ = run(settings, log)
-    failed = [r for r in result["rows"] if r["error"]]
+    result, _ = run_fn(settings, log)
+    failed = failures(result) if failures is not None else [r for r in result["rows"] if r["error"]]
     if failed:
-        print(f"error: {len(failed)} sparse measurement(s) failed, see 'error' in the JSON", file=sys.stderr)
+        print(f"error: {len(failed)} {what} failed, see 'error' in the JSON", file=sys.stderr)
         return 1
     return 0
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Entry point of ``dit-sparse bench kernel``: 0 when every sparse measurement ran, 1 otherwise, 2 on bad
+    options."""
+    return cli_entry(args, resolve_settings, run, "sparse measurement(s)")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +40,11 @@ from .kernel import (
     _reason,
     _tflops,
     _timer,
+    cli_entry,
     default_out_dir,
     format_markdown,
     format_plain,
+    markdown_head,
     resolve_block_size_and_dtype,
     resolve_device,
     run_benchmark,
@@ -440,18 +441,8 @@ def _explain(result: dict) -> list[str]:
 
 def render_markdown(result: dict) -> str:
     body, dense = table_rows(result)
-    v = result["versions"]
-    lines = [f"# dit-sparse patterns benchmark: {result['device_name']}", ""]
-    if result["note"]:
-        lines += [f"**{result['note']}**", ""]
-    st = result["settings"]
-    lines += [
-        f"- command: `{result['command']}`",
-        f"- started: {result['started_at']}, device: {result['device']}, dtype: {st['dtype']}, "
-        f"block size: {st['block_size']}, timer: {st['timer']}",
-        f"- torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, "
-        f"dit-sparse {v['dit_sparse']} ({v['git_commit'] or 'no git'})",
-        "",
+    lines = [
+        *markdown_head("patterns benchmark", result),
         "## Patterns",
         "",
         format_markdown(COLUMNS, body),
@@ -499,18 +490,4 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, P
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``dit-sparse bench patterns``: 0 when every pattern ran, 1 otherwise, 2 on bad options."""
-    try:
-        settings = resolve_settings(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    result, _ = run(settings, log)
-    failed = [r for r in result["rows"] if r["error"]]
-    if failed:
-        print(f"error: {len(failed)} pattern measurement(s) failed, see 'error' in the JSON", file=sys.stderr)
-        return 1
-    return 0
+    return cli_entry(args, resolve_settings, run, "pattern measurement(s)")

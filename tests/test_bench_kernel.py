@@ -80,6 +80,14 @@ def test_density_out_of_range_is_a_clear_error(bad: str, capsys: pytest.CaptureF
     assert "outside (0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad option found after parsing exits 2 with the message, not a traceback (shared ``cli_entry``)."""
+    assert main(["bench", "kernel", "--device", "cuda", "--shapes", "tiny-d64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda") and "--tiny" in err
+
+
 def test_resolve_settings_checks_hand_built_args() -> None:
     import argparse
 
