@@ -167,3 +167,25 @@ def latent_grid(hidden_states: torch.Tensor, patch: list[int], layout: str = "bc
     else:
         pt, ph, pw = 1, 1, 1
     return (-(-f // pt), -(-h // ph), -(-w // pw))
+
+
+def project_heads(
+    attn: Any, x: torch.Tensor, added: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, S, H, D)`` query, key and value of ``x (B, S, C)`` as diffusers' joint-attention processors make them:
+    the module's ``to_q/to_k/to_v`` (``added``: the text stream's ``add_q_proj/add_k_proj/add_v_proj``), split into
+    ``attn.heads`` heads, then the per-head qk-norm ``norm_q/norm_k`` (``norm_added_q/norm_added_k``) where the
+    module has one."""
+    if added:
+        projs, norms = (
+            (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+            (attn.norm_added_q, attn.norm_added_k),
+        )
+    else:
+        projs, norms = (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
+    query, key, value = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projs)
+    if norms[0] is not None:
+        query = norms[0](query)
+    if norms[1] is not None:
+        key = norms[1](key)
+    return query, key, value

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .base import Core, ForwardInputs, ModelFamily
+from .base import Core, ForwardInputs, ModelFamily, project_heads
 
 
 def grid_from_img_shapes(img_shapes: Any) -> tuple[int, int, int]:
@@ -127,34 +127,9 @@ class QwenImageFamily(ModelFamily):
 
         seq_txt = encoder_hidden_states.shape[1]
 
-        # Compute QKV for image stream (sample projections)
-        img_query = attn.to_q(hidden_states)
-        img_key = attn.to_k(hidden_states)
-        img_value = attn.to_v(hidden_states)
-
-        # Compute QKV for text stream (context projections)
-        txt_query = attn.add_q_proj(encoder_hidden_states)
-        txt_key = attn.add_k_proj(encoder_hidden_states)
-        txt_value = attn.add_v_proj(encoder_hidden_states)
-
-        head_dim = attn.inner_dim // attn.heads
-        img_query = img_query.unflatten(-1, (-1, head_dim))
-        img_key = img_key.unflatten(-1, (-1, head_dim))
-        img_value = img_value.unflatten(-1, (-1, head_dim))
-
-        txt_query = txt_query.unflatten(-1, (-1, head_dim))
-        txt_key = txt_key.unflatten(-1, (-1, head_dim))
-        txt_value = txt_value.unflatten(-1, (-1, head_dim))
-
-        # Apply QK normalization
-        if attn.norm_q is not None:
-            img_query = attn.norm_q(img_query)
-        if attn.norm_k is not None:
-            img_key = attn.norm_k(img_key)
-        if attn.norm_added_q is not None:
-            txt_query = attn.norm_added_q(txt_query)
-        if attn.norm_added_k is not None:
-            txt_key = attn.norm_added_k(txt_key)
+        # QKV of the image stream (sample projections) and the text stream (context projections), qk-normed
+        img_query, img_key, img_value = project_heads(attn, hidden_states)
+        txt_query, txt_key, txt_value = project_heads(attn, encoder_hidden_states, added=True)
 
         # Apply RoPE
         if image_rotary_emb is not None:
