@@ -117,6 +117,46 @@ def make_clip(
     return out
 
 
+def moving_clip(
+    spec: ClipSpec,
+    frames: int,
+    height: int,
+    width: int,
+    seed: int = 0,
+    speed: float = 2.0,
+    radius: tuple[float, float] = (8.0, 11.0),
+) -> torch.Tensor:
+    """``(frames, 3, height, width)`` float in [0, 1]: the shape moves exactly ``speed`` px per frame.
+
+    Its radius is uniform in ``radius`` (px); the start along the motion is uniform over the positions that keep the
+    whole path inside the frame (centred when none does), the position across it uniform inside the frame. At
+    2 px per frame the shape moves one latent cell per latent frame of an 8× spatial / 4× temporal VAE, the speed
+    at which the tiny transformer learned direction (docs/tiny-model-training-notes.md).
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(3, generator=g)
+    r = radius[0] + (radius[1] - radius[0]) * float(u[0])
+    dy, dx = DIRECTIONS[spec.direction]
+    along, across_size = (width, height) if dx else (height, width)
+    length = speed * (frames - 1)
+    lo, hi = r, along - r - length
+    start = lo + (hi - lo) * float(u[1]) if hi > lo else (along - length) / 2
+    across = r + (across_size - 2 * r) * float(u[2])
+    yy = torch.arange(height, dtype=torch.float32).view(-1, 1) + 0.5
+    xx = torch.arange(width, dtype=torch.float32).view(1, -1) + 0.5
+    colour = torch.tensor(COLOURS[spec.colour]).view(3, 1, 1)
+    bg = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, height, width)
+    out = torch.empty(frames, 3, height, width)
+    for t in range(frames):
+        pos = start + speed * t
+        if dx:
+            cx, cy = (pos if dx > 0 else width - pos), across
+        else:
+            cy, cx = (pos if dy > 0 else height - pos), across
+        out[t] = torch.where(_shape_mask(spec.shape, yy, xx, cy, cx, r).unsqueeze(0), colour, bg)
+    return out
+
+
 @dataclass(frozen=True)
 class Detection:
     colour: str | None

@@ -31,43 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_sparse.pipelines.tiny import TEXT_LENGTH, TRANSFORMER_CONFIG
 from dit_sparse.pipelines.tiny_data import (
-    BACKGROUND,
-    COLOURS,
     DIRECTIONS,
-    ClipSpec,
-    _shape_mask,
     all_specs,
     detect,
     eval_prompts,
     make_clip,
+    moving_clip,
 )
 from dit_sparse.pipelines.tiny_train import build_text_encoder, build_tokenizer
-
-
-def constant_speed_clip(
-    spec: ClipSpec, frames: int, size: int, seed: int, speed: float, rmin: float, rmax: float
-) -> torch.Tensor:
-    """``(frames, 3, size, size)``: the shape moves ``speed`` px per frame from a uniform random start that keeps
-    its whole path inside the frame; radius uniform in ``[rmin, rmax]`` px."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(3, generator=g)
-    r = rmin + (rmax - rmin) * float(u[0])
-    dy, dx = DIRECTIONS[spec.direction]
-    length = speed * (frames - 1)
-    lo, hi = r, size - r - length
-    start = lo + (hi - lo) * float(u[1]) if hi > lo else (size - length) / 2
-    across = r + (size - 2 * r) * float(u[2])
-    yy = torch.arange(size, dtype=torch.float32).view(-1, 1) + 0.5
-    xx = torch.arange(size, dtype=torch.float32).view(1, -1) + 0.5
-    colour = torch.tensor(COLOURS[spec.colour]).view(3, 1, 1)
-    bg = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, size, size)
-    out = torch.empty(frames, 3, size, size)
-    for t in range(frames):
-        p = start + speed * t
-        cx, cy = ((p if dx > 0 else size - p), across) if dx else (across, (p if dy > 0 else size - p))
-        out[t] = torch.where(_shape_mask(spec.shape, yy, xx, cy, cx, r).unsqueeze(0), colour, bg)
-    return out
-
 
 # the key offset (frames, rows, columns) each shift head looks at: where the shape was one latent frame earlier
 SHIFT_OFFSETS = {"left": (-1, 0, 1), "right": (-1, 0, -1), "up": (-1, 1, 0), "down": (-1, -1, 0)}
@@ -146,7 +117,7 @@ class Proxy:
             for j, spec in enumerate(self.specs):
                 seed = i * 1000 + j
                 if a.speed > 0:
-                    clip = constant_speed_clip(spec, frames, a.size, seed, a.speed, a.rmin, a.rmax)
+                    clip = moving_clip(spec, frames, a.size, a.size, seed, a.speed, (a.rmin, a.rmax))
                 else:  # the shipped data: make_clip at the 65-frame speed (or centred over the clip with --arch cog)
                     travel = frames if a.arch == "cog" else max(65, frames)
                     clip = make_clip(spec, frames, a.size, a.size, seed=seed, travel_frames=travel)

@@ -38,3 +38,18 @@ def test_prompts_parse_and_bad_prompts_are_clear():
     with pytest.raises(ValueError, match="must name a colour"):
         ClipSpec.parse("a purple blob dancing")
     assert len(all_specs()) == len(COLOURS) * 3 * 4
+
+
+@pytest.mark.parametrize("height,width", [(48, 80), (80, 48)])
+def test_moving_clip_keeps_the_whole_path_inside_a_non_square_frame(height, width):
+    from dit_sparse.pipelines.tiny_data import BACKGROUND, moving_clip
+
+    bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
+    for i, spec in enumerate(all_specs()[::5]):
+        clip = moving_clip(spec, 9, height, width, seed=i, speed=2.0, radius=(6.0, 8.0))
+        assert clip.shape == (9, 3, height, width)
+        area = ((clip - bg).abs().amax(dim=1) > 0.05).sum(dim=(1, 2))  # shape pixels per frame
+        # never clipped by the border: the same number of pixels in every frame, up to rasterisation
+        assert int(area.min()) > 0 and int(area.max() - area.min()) <= 0.2 * int(area.max()), (spec, area)
+        assert torch.equal(clip, moving_clip(spec, 9, height, width, seed=i, speed=2.0, radius=(6.0, 8.0)))
+        assert detect(clip).matches(spec)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dit_sparse.pipelines.tiny_data import all_specs, detect
+from dit_sparse.pipelines.tiny_data import all_specs, detect, moving_clip
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "tiny_proxy.py"
 _spec = importlib.util.spec_from_file_location("tiny_proxy", _PATH)
@@ -25,9 +25,9 @@ def _centroid(frame: torch.Tensor) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("direction", ["left", "right", "up", "down"])
-def test_constant_speed_clip_moves_exactly_speed_px_per_frame(direction):
+def test_moving_clip_moves_exactly_speed_px_per_frame(direction):
     spec = next(s for s in all_specs() if s.direction == direction and s.shape == "square")
-    clip = proxy.constant_speed_clip(spec, 13, 64, seed=5, speed=2.0, rmin=6.0, rmax=8.0)
+    clip = moving_clip(spec, 13, 64, 64, seed=5, speed=2.0, radius=(6.0, 8.0))
     first, last = _centroid(clip[0]), _centroid(clip[-1])
     dy, dx = last[0] - first[0], last[1] - first[1]
     want = {"left": (0, -24), "right": (0, 24), "up": (-24, 0), "down": (24, 0)}[direction]
@@ -42,7 +42,7 @@ def test_pooled_latent_keeps_colour_and_direction():
     specs = all_specs()[::3]
     ok = 0
     for i, spec in enumerate(specs):
-        clip = proxy.constant_speed_clip(spec, 17, 64, seed=i, speed=2.0, rmin=8.0, rmax=11.0)
+        clip = moving_clip(spec, 17, 64, 64, seed=i)
         z = proxy.pool(clip)
         assert z.shape == (3, 5, 8, 8)
         ok += detect(proxy.Proxy.decode(fake, z)).matches(spec)
