@@ -226,11 +226,7 @@ class Proxy:
             for lf in a.eval_lf:
                 print(f"  eval {lf} latent frames: {self.evaluate(lf)}", flush=True)
             return
-        decay = [p for n, p in model.named_parameters() if "norm_" not in n]
-        no_decay = [p for n, p in model.named_parameters() if "norm_" in n]
-        opt = torch.optim.AdamW(
-            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, weight_decay=0.01
-        )
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min((s + 1) / 50, 1) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / a.steps)))
         )
