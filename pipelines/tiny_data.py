@@ -99,22 +99,14 @@ def make_clip(
         along_start += (travel - shown) * float(u[3])
         travel = shown
     across = 0.3 + 0.4 * float(u[2])
-    yy = torch.arange(height, dtype=torch.float32).view(-1, 1)
-    xx = torch.arange(width, dtype=torch.float32).view(1, -1)
-    colour = torch.tensor(COLOURS[spec.colour]).view(3, 1, 1)
-    bg = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, height, width)
-    out = torch.empty(frames, 3, height, width)
+    centres = []
     for t in range(frames):
         pos = along_start + travel * t / max(frames - 1, 1)  # 0..1 along the motion axis
         if dx:
-            cx = (pos if dx > 0 else 1 - pos) * width
-            cy = across * height
+            centres.append((across * height, (pos if dx > 0 else 1 - pos) * width))
         else:
-            cy = (pos if dy > 0 else 1 - pos) * height
-            cx = across * width
-        m = _shape_mask(spec.shape, yy, xx, cy, cx, r).unsqueeze(0)  # (1, H, W)
-        out[t] = torch.where(m, colour, bg)
-    return out
+            centres.append(((pos if dy > 0 else 1 - pos) * height, across * width))
+    return _render(spec, centres, r, height, width, pixel_centre=0.0)
 
 
 def moving_clip(
@@ -142,17 +134,27 @@ def moving_clip(
     lo, hi = r, along - r - length
     start = lo + (hi - lo) * float(u[1]) if hi > lo else (along - length) / 2
     across = r + (across_size - 2 * r) * float(u[2])
-    yy = torch.arange(height, dtype=torch.float32).view(-1, 1) + 0.5
-    xx = torch.arange(width, dtype=torch.float32).view(1, -1) + 0.5
-    colour = torch.tensor(COLOURS[spec.colour]).view(3, 1, 1)
-    bg = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, height, width)
-    out = torch.empty(frames, 3, height, width)
+    centres = []
     for t in range(frames):
         pos = start + speed * t
         if dx:
-            cx, cy = (pos if dx > 0 else width - pos), across
+            centres.append((across, pos if dx > 0 else width - pos))
         else:
-            cy, cx = (pos if dy > 0 else height - pos), across
+            centres.append((pos if dy > 0 else height - pos, across))
+    return _render(spec, centres, r, height, width, pixel_centre=0.5)
+
+
+def _render(
+    spec: ClipSpec, centres: list[tuple[float, float]], r: float, height: int, width: int, pixel_centre: float
+) -> torch.Tensor:
+    """``(len(centres), 3, height, width)``: the spec's shape of radius ``r`` at each frame's ``(cy, cx)`` on the
+    background; pixel ``i`` sits at coordinate ``i + pixel_centre``."""
+    yy = torch.arange(height, dtype=torch.float32).view(-1, 1) + pixel_centre
+    xx = torch.arange(width, dtype=torch.float32).view(1, -1) + pixel_centre
+    colour = torch.tensor(COLOURS[spec.colour]).view(3, 1, 1)
+    bg = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, height, width)
+    out = torch.empty(len(centres), 3, height, width)
+    for t, (cy, cx) in enumerate(centres):
         out[t] = torch.where(_shape_mask(spec.shape, yy, xx, cy, cx, r).unsqueeze(0), colour, bg)
     return out
 

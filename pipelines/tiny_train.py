@@ -312,6 +312,11 @@ def _text_table(
     return {p: e for p, e in zip(prompts, embeds)}, empty[0]
 
 
+def shift_sigma(sigma: Any, shift: float = SCHEDULER_SHIFT) -> Any:
+    """The scheduler's timestep shift of a noise level in [0, 1] (a float or a tensor): ``s·σ / (1 + (s - 1)·σ)``."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def flow_loss(
     transformer: Any,
     data: LatentData,
@@ -329,7 +334,7 @@ def flow_loss(
     ctx[drop] = data.empty
     noise = torch.randn(x0.shape, generator=g)
     sigma = torch.sigmoid(torch.randn(batch, generator=g))
-    sigma = SCHEDULER_SHIFT * sigma / (1 + (SCHEDULER_SHIFT - 1) * sigma)
+    sigma = shift_sigma(sigma)
     s = sigma.view(-1, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     pred = transformer(xt.to(device), (sigma * 1000).to(device), ctx.to(device), return_dict=False)[0]

@@ -38,7 +38,7 @@ from dit_sparse.pipelines.tiny_data import (
     make_clip,
     moving_clip,
 )
-from dit_sparse.pipelines.tiny_train import build_text_encoder, build_tokenizer
+from dit_sparse.pipelines.tiny_train import build_text_encoder, build_tokenizer, shift_sigma
 
 # the key offset (frames, rows, columns) each shift head looks at: where the shape was one latent frame earlier
 SHIFT_OFFSETS = {"left": (-1, 0, 1), "right": (-1, 0, -1), "up": (-1, 1, 0), "down": (-1, -1, 0)}
@@ -88,10 +88,6 @@ def pool(clip: torch.Tensor) -> torch.Tensor:
     rest = x[1:].reshape(-1, 4, *x.shape[1:]).mean(1)
     z = torch.cat([x[:1], rest]).permute(1, 0, 2, 3)
     return F.avg_pool3d(z.unsqueeze(0), (1, 8, 8))[0]
-
-
-def shift(sigma: Any, s: float = 3.0) -> Any:
-    return s * sigma / (1 + (s - 1) * sigma)
 
 
 class Proxy:
@@ -189,7 +185,7 @@ class Proxy:
         )
         cond = self.embed(prompts)
         uncond = self.empty.expand_as(cond)
-        sig = [shift(1 - i / a.eval_steps) for i in range(a.eval_steps)] + [0.0]
+        sig = [shift_sigma(1 - i / a.eval_steps) for i in range(a.eval_steps)] + [0.0]
         for i in range(a.eval_steps):
             s = torch.full((len(prompts), lf), sig[i])
             vc, vu = self.forward(x, s, cond), self.forward(x, s, uncond)
@@ -218,13 +214,16 @@ class Proxy:
             )
         return f"{ok}/{len(ev)} " + " ".join(rows)
 
+    def print_evaluations(self) -> None:
+        self.model.eval()
+        for lf in self.a.eval_lf:
+            print(f"  eval {lf} latent frames: {self.evaluate(lf)}", flush=True)
+
     def train(self) -> None:
         a = self.a
         model = self.model
         if a.steps == 0:  # evaluate only (e.g. an --init model at another size)
-            model.eval()
-            for lf in a.eval_lf:
-                print(f"  eval {lf} latent frames: {self.evaluate(lf)}", flush=True)
+            self.print_evaluations()
             return
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -240,8 +239,12 @@ class Proxy:
             ctx[torch.rand(a.batch, generator=self.g) < 0.1] = self.empty
             noise = torch.randn(x0.shape, generator=self.g)
             per_frame = torch.rand(a.batch, generator=self.g) < a.frame_noise
-            same = shift(torch.sigmoid(torch.randn(a.batch, generator=self.g))).view(-1, 1).expand(-1, a.lf)
-            own = shift(torch.sigmoid(torch.randn(a.batch, a.lf, generator=self.g)))
+            same = (
+                shift_sigma(torch.sigmoid(torch.randn(a.batch, generator=self.g)))
+                .view(-1, 1)
+                .expand(-1, a.lf)
+            )
+            own = shift_sigma(torch.sigmoid(torch.randn(a.batch, a.lf, generator=self.g)))
             sigma = torch.where(per_frame.view(-1, 1), own, same)  # (B, F)
             s = sigma.view(a.batch, 1, a.lf, 1, 1)
             loss = F.mse_loss(self.forward((1 - s) * x0 + s * noise, sigma, ctx), noise - x0)
@@ -256,9 +259,7 @@ class Proxy:
                     f"step {step + 1} loss {sum(losses[-100:]) / 100:.4f} {time.time() - t0:.0f}s", flush=True
                 )
             if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-                model.eval()
-                for lf in a.eval_lf:
-                    print(f"  eval {lf} latent frames: {self.evaluate(lf)}", flush=True)
+                self.print_evaluations()
                 model.train()
         if a.save:
             torch.save(model.state_dict(), a.save)
