@@ -1,28 +1,35 @@
 """Train the bundled tiny text-to-video model from scratch, reproducibly from a seed, on procedural clips.
 
-    python -m dit_sparse.pipelines.tiny_train --out pipelines/tiny_model            # ≈ 1.5 h on a 2-core CPU
-    python -m dit_sparse.pipelines.tiny_train --out /tmp/m --device cuda            # minutes on a GPU
-    python -m dit_sparse.pipelines.tiny_train --out /tmp/m --quick                  # a smoke run (seconds)
+    python -m dit_sparse.pipelines.tiny_train --out pipelines/tiny_model --checkpoints ckpt   # ≈ 1.5 h, 2-core CPU
+    python -m dit_sparse.pipelines.tiny_train --out /tmp/m --device cuda                       # minutes on a GPU
+    python -m dit_sparse.pipelines.tiny_train --out /tmp/m --quick                             # a smoke run (seconds)
 
 Every part is a stock diffusers / transformers component, saved as one ``WanPipeline.save_pretrained`` folder:
 
 1. **tokenizer**: a word-level ``PreTrainedTokenizerFast`` over the project's own vocabulary
    (:data:`~dit_sparse.pipelines.tiny_data.VOCAB`), lower-cased, ``</s>`` appended like T5's.
 2. **text encoder**: a 2-layer ``UMT5EncoderModel`` (d_model 64), seeded and *frozen*: a fixed random feature
-   map of the vocabulary that the transformer learns to read.
+   map of the vocabulary that the transformer learns to read. Prompts are padded to
+   :data:`~dit_sparse.pipelines.tiny.TEXT_LENGTH` tokens (``max_sequence_length``) in training and generation.
 3. **VAE**: a small ``AutoencoderKLWan`` (2×2 pixel patchify like Wan 2.2's, then 4× more: 8× spatial, 4× causal
-   temporal compression, 16 latent channels) trained
-   with L1 + MSE + a tiny KL on random crops of clips; its ``latents_mean`` / ``latents_std`` are measured on the
-   training latents.
+   temporal compression, 16 latent channels) trained with L1 + MSE + a tiny KL on random crops of clips; its
+   ``latents_mean`` / ``latents_std`` are measured on the training latents; after the transformer its decoder is
+   fine-tuned alone (the latent space stays the same).
 4. **transformer**: the ``WanTransformer3DModel`` of :mod:`~dit_sparse.pipelines.tiny` trained with rectified flow
    (velocity target, logit-normal timesteps shifted like the scheduler's ``shift=3``), 10 % empty prompts for
-   classifier-free guidance, and a length curriculum: latent prefixes of 5, then 9, then all 17 latent frames
-   (the causal VAE makes a prefix of a clip's latents the latents of the clip's prefix).
+   classifier-free guidance, and in half of the samples an own noise level per latent frame (diffusion forcing,
+   through Wan's per-token timestep input): the model often sees a clean frame beside a noisy one and learns to
+   carry the shape from frame to frame. Stages (:class:`Stage`): many cheap steps on small clips (64 px, 3 latent
+   frames), then the default canvas at 5 latent frames and at the generated length.
 
-Data: :func:`~dit_sparse.pipelines.tiny_data.make_clip` clips (65 frames, 128×128) of every prompt
-"a {colour} {shape} moving {direction}" with seeded sizes, paths and speeds. At the end the script generates one
-clip per evaluation prompt with the saved pipeline and checks it with the detector; the figures go into the
-model card (``README.md`` in the folder) and ``training.json``.
+Data: :func:`~dit_sparse.pipelines.tiny_data.moving_clip` clips of every prompt "a {colour} {shape} moving
+{direction}": the shape moves 2 px per frame (one latent cell per latent frame), seeded size and path. Why this
+recipe: docs/tiny-model-training-notes.md. At the end the script generates one clip per evaluation prompt with the
+trained pipeline and checks it with the detector; the figures go into the model card (``README.md`` in the folder)
+and ``training.json``.
+
+``--checkpoints DIR`` saves every finished stage there; running the same command again continues after the last
+finished stage and writes the same weights as an uninterrupted run (every stage draws from its own seeded generator).
 """
 
 from __future__ import annotations
@@ -43,14 +50,29 @@ import torch
 import torch.nn.functional as F
 
 from .tiny import DEFAULTS, TEXT_DIM, TEXT_LENGTH, TRANSFORMER_CONFIG, VAE_CONFIG
-from .tiny_data import VOCAB, ClipSpec, all_specs, detect, eval_prompts, make_clip
+from .tiny_data import VOCAB, ClipSpec, all_specs, detect, eval_prompts, moving_clip
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 TEXT_ENCODER_CONFIG: dict[str, Any] = dict(
     d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0
 )
-MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default: the transformer is trained with the padding it will see
+MAX_SEQUENCE_LENGTH = 512  # the tokenizer's model_max_length (WanPipeline's default padding)
 SCHEDULER_SHIFT = 3.0
+
+
+@dataclass
+class Stage:
+    """One transformer stage: ``steps`` AdamW steps (fresh optimizer, ``warmup`` steps then cosine to 10 % of
+    ``lr``) on the first ``latent_frames`` latent frames of clips of ``clip_frames`` frames at ``size``×``size`` px."""
+
+    name: str
+    size: int
+    clip_frames: int
+    latent_frames: int
+    batch: int
+    steps: int
+    lr: float
+    warmup: int = 50
 
 
 @dataclass
@@ -58,59 +80,60 @@ class Recipe:
     """Everything that decides the trained weights (with the code and the torch version)."""
 
     seed: int = 0
-    frames: int = 65
-    height: int = 128
-    width: int = 128
+    # the default canvas (what `dit-sparse generate` makes): the VAE, decoder and evaluation data
+    frames: int = DEFAULTS["num_frames"]
+    height: int = DEFAULTS["height"]
+    width: int = DEFAULTS["width"]
+    speed: float = 2.0  # px per frame: one latent cell per latent frame
+    radius: tuple[float, float] = (8.0, 11.0)
     clips_per_prompt: int = 8
     vae_steps: int = 1800
     vae_batch: int = 4
     vae_crop: tuple[int, int, int] = (9, 48, 48)  # frames, height, width
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    # (latent frames, batch, steps): the length curriculum of the transformer
-    dit_phases: list[tuple[int, int, int]] = field(
-        default_factory=lambda: [(5, 8, 600), (9, 4, 450), (17, 2, 400)]
+    stages: list[Stage] = field(
+        default_factory=lambda: [
+            Stage("A", 64, 9, 3, 8, 9000, 1e-3),
+            Stage("B", DEFAULTS["height"], DEFAULTS["num_frames"], 5, 4, 800, 3e-4),
+            Stage("C", DEFAULTS["height"], DEFAULTS["num_frames"], 9, 2, 400, 3e-4),
+        ]
     )
-    # optional full-length fine-tune of the transformer after the curriculum: fresh AdamW, constant lr, own generator
-    # prompts padded to TEXT_LENGTH instead of 512: the cross-attention no longer spreads over 500 padding keys
-    finetune_steps: int = 550
-    finetune_batch: int = 4
-    finetune_frames: int = 9
-    finetune_lr: float = 3e-4
-    finetune_text_length: int = TEXT_LENGTH
+    frame_noise: float = 0.5  # share of samples with an own noise level per latent frame
+    dit_weight_decay: float = 0.01
+    cfg_dropout: float = 0.1
     decoder_steps: int = 600  # decoder-only fine-tune on the frozen encoder's latents, after the transformer
     decoder_batch: int = 4
     decoder_crop: tuple[int, int, int] = (9, 64, 64)
     decoder_lr: float = 3e-4
-    dit_lr: float = 5e-4
-    dit_warmup: int = 100
-    cfg_dropout: float = 0.1
     eval_prompts: int = 12
-    eval_frames: int = 33
-    eval_steps: int = 16
+    eval_steps: int = DEFAULTS["num_inference_steps"]
 
     @classmethod
     def quick(cls) -> Recipe:
         return cls(
-            frames=17,
-            height=64,
-            width=64,
+            frames=9,
+            height=48,
+            width=48,
             clips_per_prompt=1,
             vae_steps=2,
             vae_batch=2,
             vae_crop=(5, 32, 32),
-            finetune_steps=2,
-            finetune_batch=2,
-            finetune_frames=3,
+            stages=[Stage("A", 32, 5, 2, 2, 2, 1e-3, 1), Stage("B", 48, 9, 3, 2, 2, 3e-4, 1)],
             decoder_steps=2,
             decoder_batch=2,
             decoder_crop=(5, 32, 32),
-            dit_phases=[(2, 2, 2), (3, 2, 2)],
-            dit_warmup=1,
             eval_prompts=2,
-            eval_frames=9,
             eval_steps=2,
         )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        d = dict(d)
+        d["stages"] = [Stage(**s) for s in d["stages"]]
+        for k in ("radius", "vae_crop", "decoder_crop"):
+            d[k] = tuple(d[k])
+        return cls(**d)
 
 
 def _log(msg: str) -> None:
@@ -152,6 +175,10 @@ def _optimise(
 def _tail_mean(losses: list[float], n: int = 50) -> float:
     tail = losses[-n:]
     return sum(tail) / max(len(tail), 1)
+
+
+def _cosine(steps: int) -> Callable[[int], float]:
+    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0)))
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -199,17 +226,19 @@ def training_clips(recipe: Recipe) -> list[tuple[ClipSpec, int]]:
     ]
 
 
-def _to_vae(clip: torch.Tensor) -> torch.Tensor:
-    """(F, 3, H, W) in [0, 1] → (3, F, H, W) in [-1, 1]."""
+def recipe_clip(
+    recipe: Recipe, spec: ClipSpec, seed: int, frames: int, height: int, width: int
+) -> torch.Tensor:
+    """One training clip ``(3, F, H, W)`` in [-1, 1] (the VAE's layout and range)."""
+    clip = moving_clip(spec, frames, height, width, seed=seed, speed=recipe.speed, radius=recipe.radius)
     return clip.permute(1, 0, 2, 3) * 2 - 1
 
 
 # ------------------------------------------------------------------------------------------------ VAE
-def train_vae(vae: Any, recipe: Recipe, device: torch.device, g: torch.Generator) -> dict[str, float]:
+def train_vae(vae: Any, recipe: Recipe, device: torch.device) -> dict[str, float]:
+    g = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(recipe.vae_steps, 1), 1.0)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(recipe.vae_steps))
 
     def step_loss() -> torch.Tensor:
         x = _crops(recipe, recipe.vae_crop, recipe.vae_batch, g, device)
@@ -227,16 +256,17 @@ def train_vae(vae: Any, recipe: Recipe, device: torch.device, g: torch.Generator
 def _crops(
     recipe: Recipe, crop: tuple[int, int, int], batch: int, g: torch.Generator, device: torch.device
 ) -> torch.Tensor:
+    """Random crops of random training clips at the default canvas."""
     clips = training_clips(recipe)
     cf, ch, cw = crop
     out = []
     for _b in range(batch):
         spec, seed = clips[int(torch.randint(len(clips), (1,), generator=g))]
-        clip = make_clip(spec, recipe.frames, recipe.height, recipe.width, seed=seed, travel_frames=65)
+        clip = recipe_clip(recipe, spec, seed, recipe.frames, recipe.height, recipe.width)
         f0 = int(torch.randint(recipe.frames - cf + 1, (1,), generator=g))
         y0 = int(torch.randint(recipe.height - ch + 1, (1,), generator=g))
         x0 = int(torch.randint(recipe.width - cw + 1, (1,), generator=g))
-        out.append(_to_vae(clip[f0 : f0 + cf, :, y0 : y0 + ch, x0 : x0 + cw]))
+        out.append(clip[:, f0 : f0 + cf, y0 : y0 + ch, x0 : x0 + cw])
     return torch.stack(out).to(device)
 
 
@@ -246,9 +276,7 @@ def finetune_decoder(vae: Any, recipe: Recipe, device: torch.device) -> dict[str
     g = torch.Generator().manual_seed(recipe.seed + 3)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(recipe.decoder_steps, 1), 1.0)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(recipe.decoder_steps))
 
     def step_loss() -> torch.Tensor:
         x = _crops(recipe, recipe.decoder_crop, recipe.decoder_batch, g, device)
@@ -264,19 +292,16 @@ def finetune_decoder(vae: Any, recipe: Recipe, device: torch.device) -> dict[str
 
 
 @torch.no_grad()
-def encode_dataset(vae: Any, recipe: Recipe, device: torch.device) -> tuple[torch.Tensor, list[ClipSpec]]:
-    """Posterior means of every training clip, ``(N, C, F', H', W')``, and their specs."""
+def encode_clips(
+    vae: Any, recipe: Recipe, size: int, frames: int, device: torch.device
+) -> tuple[torch.Tensor, list[ClipSpec]]:
+    """Posterior means of every training clip made at ``size``×``size`` px, ``frames`` frames: ``(N, C, F', H', W')``."""
     clips = training_clips(recipe)
     out, specs = [], []
-    bar = _progress(len(clips), "encode")
+    bar = _progress(len(clips), f"encode {frames}×{size}²")
     for i in range(0, len(clips), 4):
         chunk = clips[i : i + 4]
-        x = torch.stack(
-            [
-                _to_vae(make_clip(s, recipe.frames, recipe.height, recipe.width, seed=seed, travel_frames=65))
-                for s, seed in chunk
-            ]
-        ).to(device)
+        x = torch.stack([recipe_clip(recipe, s, seed, frames, size, size) for s, seed in chunk]).to(device)
         out.append(vae.encode(x).latent_dist.mean.float().cpu())
         specs.extend(s for s, _ in chunk)
         bar.update(len(chunk))
@@ -289,8 +314,11 @@ def vae_psnr(vae: Any, recipe: Recipe, device: torch.device, n: int = 4) -> floa
     """Reconstruction PSNR (dB, [0, 1] range) on held-out clips (seeds never used for training)."""
     values = []
     for i, spec in enumerate(all_specs()[:: max(len(all_specs()) // n, 1)][:n]):
-        clip = make_clip(spec, recipe.frames, recipe.height, recipe.width, seed=-1 - i, travel_frames=65)
-        x = _to_vae(clip).unsqueeze(0).to(device)
+        x = (
+            recipe_clip(recipe, spec, -1 - i, recipe.frames, recipe.height, recipe.width)
+            .unsqueeze(0)
+            .to(device)
+        )
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         mse = float(((rec - x) / 2).pow(2).mean())
         values.append(10 * math.log10(1.0 / max(mse, 1e-12)))
@@ -298,16 +326,14 @@ def vae_psnr(vae: Any, recipe: Recipe, device: torch.device, n: int = 4) -> floa
 
 
 # ------------------------------------------------------------------------------------------------ DiT
-def _text_table(
-    pipe: Any, specs: list[ClipSpec], length: int = MAX_SEQUENCE_LENGTH
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _text_table(pipe: Any, specs: list[ClipSpec]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     prompts = sorted({s.prompt for s in specs})
     with torch.no_grad():
         embeds, _ = pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=False, max_sequence_length=length, device="cpu"
+            prompts, do_classifier_free_guidance=False, max_sequence_length=TEXT_LENGTH, device="cpu"
         )
         empty, _ = pipe.encode_prompt(
-            "", do_classifier_free_guidance=False, max_sequence_length=length, device="cpu"
+            "", do_classifier_free_guidance=False, max_sequence_length=TEXT_LENGTH, device="cpu"
         )
     return {p: e for p, e in zip(prompts, embeds)}, empty[0]
 
@@ -315,6 +341,13 @@ def _text_table(
 def shift_sigma(sigma: Any, shift: float = SCHEDULER_SHIFT) -> Any:
     """The scheduler's timestep shift of a noise level in [0, 1] (a float or a tensor): ``s·σ / (1 + (s - 1)·σ)``."""
     return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+@dataclass
+class LatentData:
+    latents: torch.Tensor  # normalised posterior means (N, C, F', H', W')
+    texts: torch.Tensor  # (N, TEXT_LENGTH, text dim) prompt embeddings, zero-padded as WanPipeline pads them
+    empty: torch.Tensor  # the empty prompt's embedding (classifier-free guidance dropout)
 
 
 def flow_loss(
@@ -326,225 +359,161 @@ def flow_loss(
     device: torch.device,
     g: torch.Generator,
 ) -> torch.Tensor:
-    """Rectified-flow loss on a random batch of latent prefixes: predict ``noise - x0`` at a shifted timestep."""
+    """Rectified-flow loss on a random batch of latent prefixes: predict ``noise - x0`` at shifted noise levels, one
+    per sample or (in ``recipe.frame_noise`` of the samples) one per latent frame."""
     idx = torch.randint(len(data.latents), (batch,), generator=g)
     x0 = data.latents[idx, :, :lat_frames]
     ctx = data.texts[idx].clone()
     drop = torch.rand(batch, generator=g) < recipe.cfg_dropout
     ctx[drop] = data.empty
     noise = torch.randn(x0.shape, generator=g)
-    sigma = torch.sigmoid(torch.randn(batch, generator=g))
-    sigma = shift_sigma(sigma)
-    s = sigma.view(-1, 1, 1, 1, 1)
+    per_frame = torch.rand(batch, generator=g) < recipe.frame_noise
+    same = shift_sigma(torch.sigmoid(torch.randn(batch, generator=g))).view(-1, 1).expand(-1, lat_frames)
+    own = shift_sigma(torch.sigmoid(torch.randn(batch, lat_frames, generator=g)))
+    sigma = torch.where(per_frame.view(-1, 1), own, same)  # (B, F')
+    s = sigma.view(batch, 1, lat_frames, 1, 1)
     xt = (1 - s) * x0 + s * noise
-    pred = transformer(xt.to(device), (sigma * 1000).to(device), ctx.to(device), return_dict=False)[0]
-    loss = F.mse_loss(pred.float(), (noise - x0).to(device))
-    return loss
+    tokens = x0.shape[-2] * x0.shape[-1]
+    timestep = (sigma * 1000).view(batch, lat_frames, 1).expand(-1, -1, tokens).reshape(batch, -1)
+    pred = transformer(xt.to(device), timestep.to(device), ctx.to(device), return_dict=False)[0]
+    return F.mse_loss(pred.float(), (noise - x0).to(device))
 
 
-def finetune_transformer(
-    transformer: Any, data: LatentData, recipe: Recipe, device: torch.device
-) -> dict[str, float]:
-    """Full-length (all latent frames) training at a constant low lr with a fresh optimizer and its own generator."""
-    g = torch.Generator().manual_seed(recipe.seed + 4)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.finetune_lr, weight_decay=0.01)
-    frames = recipe.finetune_frames
+def train_stage(
+    transformer: Any, data: LatentData, stage: Stage, index: int, recipe: Recipe, device: torch.device
+) -> dict[str, Any]:
+    """One stage with a fresh AdamW and its own generator (so a run continued from a checkpoint is the same)."""
+    g = torch.Generator().manual_seed(recipe.seed + 10 + index)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=stage.lr, weight_decay=recipe.dit_weight_decay)
+
+    def lr_at(step: int) -> float:
+        warm = min((step + 1) / max(stage.warmup, 1), 1.0)
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(stage.steps, 1))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start = time.perf_counter()
     transformer.train()
     losses = _optimise(
         list(transformer.parameters()),
         opt,
-        None,
-        recipe.finetune_steps,
-        f"DiT fine-tune {frames} latent frames",
-        lambda: flow_loss(transformer, data, frames, recipe.finetune_batch, recipe, device, g),
+        sched,
+        stage.steps,
+        f"DiT {stage.name}: {stage.latent_frames} latent frames at {stage.size} px",
+        lambda: flow_loss(transformer, data, stage.latent_frames, stage.batch, recipe, device, g),
     )
     transformer.eval()
-    return {"steps": recipe.finetune_steps, "final_loss": _tail_mean(losses)}
-
-
-@dataclass
-class LatentData:
-    latents: torch.Tensor  # normalised posterior means (N, C, F', H', W')
-    texts: torch.Tensor  # (N, text length, text dim) prompt embeddings, zero-padded as WanPipeline pads them
-    empty: torch.Tensor  # the empty prompt's embedding (classifier-free guidance dropout)
-    mean: torch.Tensor
-    std: torch.Tensor
-
-
-def latent_data(
-    pipe: Any, recipe: Recipe, device: torch.device, text_length: int = MAX_SEQUENCE_LENGTH
-) -> LatentData:
-    """Encode every training clip with the pipeline's VAE and embed its prompt with the pipeline's text encoder."""
-    latents, specs = encode_dataset(pipe.vae, recipe, device)
-    mean = latents.mean(dim=(0, 2, 3, 4))
-    std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
-    latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-    table, empty = _text_table(pipe, specs, text_length)
-    return LatentData(latents, torch.stack([table[s.prompt] for s in specs]), empty, mean, std)
-
-
-def train_transformer(
-    transformer: Any,
-    data: LatentData,
-    recipe: Recipe,
-    device: torch.device,
-    g: torch.Generator,
-    checkpoints: Path | None = None,
-) -> list[dict[str, float]]:
-    opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.dit_lr, weight_decay=0.01)
-    total = sum(steps for _, _, steps in recipe.dit_phases)
-
-    def lr_at(step: int) -> float:
-        if step < recipe.dit_warmup:
-            return (step + 1) / recipe.dit_warmup
-        return 0.1 + 0.9 * 0.5 * (
-            1 + math.cos(math.pi * (step - recipe.dit_warmup) / max(total - recipe.dit_warmup, 1))
-        )
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    transformer.train()
-    report = []
-    params = list(transformer.parameters())
-    for lat_frames, batch, steps in recipe.dit_phases:
-        start = time.perf_counter()
-        losses = _optimise(
-            params,
-            opt,
-            sched,
-            steps,
-            f"DiT {lat_frames} latent frames",
-            lambda: flow_loss(transformer, data, lat_frames, batch, recipe, device, g),  # noqa: B023
-        )
-        report.append(
-            {
-                "latent_frames": lat_frames,
-                "batch": batch,
-                "steps": steps,
-                "final_loss": _tail_mean(losses),
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-        )
-        _log(f"DiT phase {lat_frames} latent frames: loss {report[-1]['final_loss']:.4f}")
-        if checkpoints is not None:
-            checkpoints.mkdir(parents=True, exist_ok=True)
-            torch.save(transformer.state_dict(), checkpoints / f"transformer-{lat_frames}.pt")
-    transformer.eval()
-    return report
+    return {
+        **asdict(stage),
+        "final_loss": _tail_mean(losses),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ eval
 @torch.no_grad()
 def evaluate(
-    pipe: Any, specs: list[ClipSpec], frames: int, steps: int, text_length: int, seed: int = 0
+    pipe: Any, specs: list[ClipSpec], recipe: Recipe, seed: int = 0, chunk: int = 4
 ) -> dict[str, Any]:
-    """Generate one clip per prompt (batched) and check colour and direction with the detector."""
-    videos = pipe(
-        prompt=[s.prompt for s in specs],
-        height=DEFAULTS["height"],
-        width=DEFAULTS["width"],
-        num_frames=frames,
-        num_inference_steps=steps,
-        guidance_scale=DEFAULTS["guidance_scale"],
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-        max_sequence_length=text_length,
-    ).frames  # (B, F, 3, H, W) in [0, 1]
+    """Generate one clip per prompt at the default canvas (prompt ``k`` from seed ``seed + k``, in batches of
+    ``chunk``) and check colour and direction with the detector."""
     rows = []
-    for spec, video in zip(specs, videos):
-        det = detect(video)
-        rows.append(
-            {"prompt": spec.prompt, "colour": det.colour, "direction": det.direction, "ok": det.matches(spec)}
-        )
+    for i in range(0, len(specs), chunk):
+        part = specs[i : i + chunk]
+        videos = pipe(
+            prompt=[s.prompt for s in part],
+            height=recipe.height,
+            width=recipe.width,
+            num_frames=recipe.frames,
+            num_inference_steps=recipe.eval_steps,
+            guidance_scale=DEFAULTS["guidance_scale"],
+            generator=[torch.Generator().manual_seed(seed + i + k) for k in range(len(part))],
+            output_type="pt",
+            max_sequence_length=TEXT_LENGTH,
+        ).frames  # (B, F, 3, H, W) in [0, 1]
+        for spec, video in zip(part, videos):
+            det = detect(video)
+            rows.append(
+                {
+                    "prompt": spec.prompt,
+                    "colour": det.colour,
+                    "direction": det.direction,
+                    "ok": det.matches(spec),
+                }
+            )
     return {"matches": sum(r["ok"] for r in rows), "total": len(rows), "clips": rows}
 
 
 # ------------------------------------------------------------------------------------------------ main
-def train(
-    recipe: Recipe,
-    out: Path,
-    device: torch.device,
-    force: bool = False,
-    checkpoints: Path | None = None,
-    resume: Path | None = None,
-) -> dict[str, Any]:
-    """All stages: VAE → encode → transformer → decoder fine-tune → evaluation → save.
+def stage_depends(recipe: Recipe, name: str) -> dict[str, Any]:
+    """The recipe fields stage ``name`` (``vae``, ``decoder`` or ``transformer-<stage>``) and the stages it builds on
+    depend on: a checkpoint is reused only when they are unchanged, so a later stage can be changed and re-run alone."""
+    r = json.loads(json.dumps(asdict(recipe)))
+    data = ("seed", "frames", "height", "width", "speed", "radius", "clips_per_prompt")
+    vae = {k: r[k] for k in r if k in data or k.startswith("vae_")}
+    if name == "vae":
+        return vae
+    if name == "decoder":
+        return {**vae, **{k: r[k] for k in r if k.startswith("decoder_")}}
+    names = [f"transformer-{s.name}" for s in recipe.stages]
+    if name not in names:
+        raise ValueError(f"unknown stage {name!r}; known: vae, decoder, {', '.join(names)}")
+    dit = {k: r[k] for k in ("frame_noise", "dit_weight_decay", "cfg_dropout")}
+    return {**vae, **dit, "stages": r["stages"][: names.index(name) + 1]}
 
-    ``resume``: a folder an earlier run of this script saved (with its ``training.json``); its VAE encoder,
-    latent statistics and transformer are kept and only the stages it has not run are run, with its recipe. Every
-    stage draws from its own seeded generator or from the chain of the stages before it, so a resumed run writes the
-    same weights as an uninterrupted one.
-    """
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SystemExit(f"error: {out} exists and is not empty; pass --force to replace it")
-    t_start = time.perf_counter()
-    if resume is not None:
-        pipe, summary = _resume(resume, device)
-        recipe = Recipe(**{k: tuple(v) if k.endswith("crop") else v for k, v in summary["recipe"].items()})
-        for name in ("decoder", "eval"):
-            summary.pop(name, None)
-            summary["seconds"].pop(name, None)
-        summary["seconds"].pop("total", None)
-        summary["resumed_from"] = str(resume)
-        summary["recipe"] = asdict(recipe)
-        data = None
-    else:
-        pipe, summary, data = _train_base(recipe, device, checkpoints)
-    timings = summary["seconds"]
 
-    if recipe.finetune_steps > 0 and "finetune" not in summary:
+class Checkpoints:
+    """Finished stages in a folder (``NAME.safetensors`` + ``NAME.json``, written atomically); a later run loads a
+    stage instead of training it again when the recipe fields it depends on (:func:`stage_depends`) are the same.
+    ``folder=None``: nothing is saved or loaded."""
+
+    def __init__(self, folder: Path | None, recipe: Recipe) -> None:
+        self.folder = folder
+        self.recipe = recipe
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, module: torch.nn.Module, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``fn()``'s report, training ``module`` — or the saved report, loading ``module``'s saved weights."""
+        from safetensors.torch import load_file, save_file
+
+        depends = stage_depends(self.recipe, name)
+        if self.folder is not None and (self.folder / f"{name}.json").is_file():
+            saved = json.loads((self.folder / f"{name}.json").read_text())
+            if saved.get("depends") != depends:
+                theirs = saved.get("depends") or {}
+                diff = sorted(k for k in depends if theirs.get(k) != depends[k])
+                raise SystemExit(
+                    f"error: checkpoint {name!r} in {self.folder} was trained with another recipe (differs in "
+                    f"{', '.join(diff) or 'format'}); delete {name}.json and {name}.safetensors there (and those of "
+                    "the stages after it), or use another --checkpoints folder"
+                )
+            module.load_state_dict(load_file(self.folder / f"{name}.safetensors"))
+            _log(f"stage {name}: loaded from {self.folder}")
+            report: dict[str, Any] = saved["report"]
+            return report
         t0 = time.perf_counter()
-        if data is None:  # resumed: encode again (the encoder is the saved one, so the latents are the same)
-            data = latent_data(pipe, recipe, device, recipe.finetune_text_length)
-        else:
-            specs = [s for s, _ in training_clips(recipe)]
-            table, empty = _text_table(pipe, specs, recipe.finetune_text_length)
-            data.texts = torch.stack([table[s.prompt] for s in specs])
-            data.empty = empty
-        _log(
-            f"transformer fine-tune: {recipe.finetune_steps} steps at {recipe.finetune_frames} latent frames"
-        )
-        summary["finetune"] = finetune_transformer(pipe.transformer, data, recipe, device)
-        timings["finetune"] = round(time.perf_counter() - t0, 1)
-    del data
-
-    t0 = time.perf_counter()
-    _log(f"VAE decoder fine-tune: {recipe.decoder_steps} steps")
-    summary["decoder"] = finetune_decoder(pipe.vae, recipe, device)
-    summary["decoder"]["heldout_psnr_db"] = vae_psnr(pipe.vae, recipe, device)
-    timings["decoder"] = round(time.perf_counter() - t0, 1)
-    _log(
-        f"VAE held-out reconstruction PSNR after the decoder fine-tune {summary['decoder']['heldout_psnr_db']:.1f} dB"
-    )
-
-    t0 = time.perf_counter()
-    pipe.to("cpu")
-    text_length = recipe.finetune_text_length if recipe.finetune_steps > 0 else MAX_SEQUENCE_LENGTH
-    ev = evaluate(pipe, eval_prompts(recipe.eval_prompts), recipe.eval_frames, recipe.eval_steps, text_length)
-    timings["eval"] = round(time.perf_counter() - t0, 1)
-    _log(f"detector: {ev['matches']}/{ev['total']} generated clips match their prompt")
-    summary["eval"] = ev
-    # total = every stage's time, also when the stages ran in two processes (resume)
-    timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 1)
-    timings["this_process"] = round(time.perf_counter() - t_start, 1)
-    _save(pipe, summary, out, force)
-    return summary
+        report = fn()
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        if self.folder is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            tmp = self.folder / f".{name}.safetensors.tmp"
+            save_file(state, tmp)
+            os.replace(tmp, self.folder / f"{name}.safetensors")
+            blob = json.dumps({"depends": depends, "report": report}, indent=1)
+            _write_atomic(self.folder / f"{name}.json", blob.encode())
+        return report
 
 
-def _resume(folder: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
-    from diffusers import WanPipeline
-
-    info = folder / "training.json"
-    if not info.is_file():
-        raise SystemExit(f"error: --resume {folder}: no training.json there (not a folder this script saved)")
-    summary = json.loads(info.read_text())
-    pipe = WanPipeline.from_pretrained(str(folder), local_files_only=True).to(device)
-    return pipe, summary
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
-def _train_base(
-    recipe: Recipe, device: torch.device, checkpoints: Path | None
-) -> tuple[Any, dict[str, Any], LatentData]:
-    """Tokenizer, text encoder, VAE, latent statistics and transformer (the stages the transformer depends on)."""
+def train(
+    recipe: Recipe, out: Path, device: torch.device, force: bool = False, checkpoints: Path | None = None
+) -> dict[str, Any]:
+    """All stages: VAE (+ latent statistics) → transformer stages → decoder fine-tune → evaluation → save."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -552,10 +521,10 @@ def _train_base(
         WanTransformer3DModel,
     )
 
-    torch.manual_seed(recipe.seed)
-    g = torch.Generator().manual_seed(recipe.seed)
-    timings: dict[str, float] = {}
-
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SystemExit(f"error: {out} exists and is not empty; pass --force to replace it")
+    ck = Checkpoints(checkpoints, recipe)
+    t_start = time.perf_counter()
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(len(tokenizer), recipe.seed)
     with torch.random.fork_rng():
@@ -563,14 +532,6 @@ def _train_base(
         vae = AutoencoderKLWan(**VAE_CONFIG).to(device)
         torch.manual_seed(recipe.seed + 2)
         transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG).to(device)
-
-    _log(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, {recipe.vae_steps} steps")
-    t0 = time.perf_counter()
-    vae_report = train_vae(vae, recipe, device, g)
-    timings["vae"] = round(time.perf_counter() - t0, 1)
-    vae_report["heldout_psnr_db"] = vae_psnr(vae, recipe, device)
-    _log(f"VAE held-out reconstruction PSNR {vae_report['heldout_psnr_db']:.1f} dB")
-
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -578,33 +539,80 @@ def _train_base(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
         transformer=transformer,
     )
-    t0 = time.perf_counter()
-    data = latent_data(pipe, recipe, device)
-    vae.register_to_config(
-        latents_mean=[round(float(v), 6) for v in data.mean],
-        latents_std=[round(float(v), 6) for v in data.std],
-    )
-    if checkpoints is not None:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        vae.save_pretrained(checkpoints / "vae")
-    timings["encode"] = round(time.perf_counter() - t0, 1)
 
-    _log(
-        f"transformer: {sum(p.numel() for p in transformer.parameters()):,} parameters, phases {recipe.dit_phases}"
-    )
-    t0 = time.perf_counter()
-    dit_report = train_transformer(transformer, data, recipe, device, g, checkpoints)
-    timings["transformer"] = round(time.perf_counter() - t0, 1)
-    summary = {
+    def vae_stage() -> dict[str, Any]:
+        _log(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, {recipe.vae_steps} steps")
+        report: dict[str, Any] = train_vae(vae, recipe, device)
+        report["heldout_psnr_db"] = vae_psnr(vae, recipe, device)
+        latents, _ = encode_clips(vae, recipe, recipe.height, recipe.frames, device)
+        report["latents_mean"] = [round(float(v), 6) for v in latents.mean(dim=(0, 2, 3, 4))]
+        report["latents_std"] = [round(float(v), 6) for v in latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)]
+        return report
+
+    vae_report = ck.run("vae", vae, vae_stage)
+    vae.register_to_config(latents_mean=vae_report["latents_mean"], latents_std=vae_report["latents_std"])
+    _log(f"VAE held-out reconstruction PSNR {vae_report['heldout_psnr_db']:.1f} dB")
+    summary: dict[str, Any] = {
         "recipe": asdict(recipe),
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "vae": vae_report,
-        "transformer": dit_report,
-        "seconds": timings,
+        "transformer": [],
     }
-    return pipe, summary, data
+
+    mean = torch.tensor(vae_report["latents_mean"]).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae_report["latents_std"]).view(1, -1, 1, 1, 1)
+    datasets: dict[tuple[int, int], LatentData] = {}
+
+    def dataset(size: int, frames: int) -> LatentData:
+        if (size, frames) not in datasets:
+            latents, specs = encode_clips(vae, recipe, size, frames, device)
+            table, empty = _text_table(pipe, specs)
+            datasets[(size, frames)] = LatentData(
+                (latents - mean) / std, torch.stack([table[s.prompt] for s in specs]), empty
+            )
+        return datasets[(size, frames)]
+
+    _log(f"transformer: {sum(p.numel() for p in transformer.parameters()):,} parameters")
+    for i, stage in enumerate(recipe.stages):
+        report = ck.run(
+            f"transformer-{stage.name}",
+            transformer,
+            lambda stage=stage, i=i: train_stage(
+                transformer, dataset(stage.size, stage.clip_frames), stage, i, recipe, device
+            ),
+        )
+        summary["transformer"].append(report)
+        _log(f"DiT stage {stage.name}: loss {report['final_loss']:.4f} ({report['seconds']:.0f} s)")
+    datasets.clear()
+
+    def decoder_stage() -> dict[str, Any]:
+        _log(f"VAE decoder fine-tune: {recipe.decoder_steps} steps")
+        report: dict[str, Any] = finetune_decoder(vae, recipe, device)
+        report["heldout_psnr_db"] = vae_psnr(vae, recipe, device)
+        return report
+
+    summary["decoder"] = ck.run("decoder", vae, decoder_stage)
+    _log(
+        f"VAE held-out reconstruction PSNR after the decoder fine-tune {summary['decoder']['heldout_psnr_db']:.1f} dB"
+    )
+
+    t0 = time.perf_counter()
+    ev = evaluate(pipe, eval_prompts(recipe.eval_prompts), recipe)
+    ev["seconds"] = round(time.perf_counter() - t0, 1)
+    _log(f"detector: {ev['matches']}/{ev['total']} generated clips match their prompt")
+    summary["eval"] = ev
+    stages = [summary["vae"], *summary["transformer"], summary["decoder"], ev]
+    summary["seconds"] = {
+        "total": round(
+            sum(s["seconds"] for s in stages), 1
+        ),  # every stage, also those loaded from checkpoints
+        "this_process": round(time.perf_counter() - t_start, 1),
+    }
+    pipe.to("cpu")
+    _save(pipe, summary, out, force)
+    return summary
 
 
 def _save(pipe: Any, summary: dict[str, Any], out: Path, force: bool) -> None:
@@ -631,41 +639,30 @@ def _save(pipe: Any, summary: dict[str, Any], out: Path, force: bool) -> None:
 def model_card(summary: dict[str, Any]) -> str:
     r = summary["recipe"]
     ev = summary["eval"]
-    phases = "\n".join(
-        f"| {p['latent_frames']} | {p['batch']} | {p['steps']} | {p['final_loss']:.4f} | {p['seconds']:.0f} |"
-        for p in summary["transformer"]
+    tokens = ((r["frames"] - 1) // 4 + 1) * (r["height"] // 8) * (r["width"] // 8)
+    stages = "\n".join(
+        f"| {s['name']} | {s['size']}×{s['size']} × {s['clip_frames']} | {s['latent_frames']} | {s['batch']} | "
+        f"{s['steps']:,} | {s['lr']} | {s['final_loss']:.4f} | {s['seconds']:.0f} |"
+        for s in summary["transformer"]
     )
     clips = "\n".join(
         f"| {c['prompt']} | {c['colour']} | {c['direction']} | {'yes' if c['ok'] else 'no'} |"
         for c in ev["clips"]
     )
-    secs = summary["seconds"]
-    ft = summary.get("finetune")
-    finetune = (
-        f"- Transformer fine-tune at full length: {ft['steps']} steps, batch {r['finetune_batch']}, constant lr "
-        f"{r['finetune_lr']}, fresh AdamW, own generator; final loss {ft['final_loss']:.4f} ({secs['finetune']:.0f} s).\n"
-        if ft
-        else ""
-    )
-    resumed = (
-        " The stages ran in two processes: the decoder stage was added to the script while the first process was"
-        " training the transformer, and `--resume` ran it (and the evaluation) on that process's saved output;"
-        " every stage has its own seeded generator or continues the chain before it, so one uninterrupted run"
-        " writes the same weights."
-        if "resumed_from" in summary
-        else ""
-    )
+    secs = {"vae": summary["vae"]["seconds"], "decoder": summary["decoder"]["seconds"], "eval": ev["seconds"]}
+    dit_secs = sum(s["seconds"] for s in summary["transformer"])
     return f"""# dit-sparse tiny text-to-video model
 
 A stock diffusers `WanPipeline` small enough to run on a laptop CPU, trained from scratch by
 `python -m dit_sparse.pipelines.tiny_train` (source: `pipelines/tiny_train.py`). It is the default model of
-`dit-sparse generate`: big enough that attention dominates (4,352 video tokens per self-attention at the default
-65 frames × 128×128), small enough to run dense on a CPU in well under a minute.
+`dit-sparse generate`: big enough that attention dominates ({tokens:,} video tokens per self-attention at the default
+{r["frames"]} frames × {r["height"]}×{r["width"]}), small enough to run dense on a CPU in about a minute.
 
 ```python
 from diffusers import WanPipeline
 pipe = WanPipeline.from_pretrained("pipelines/tiny_model")
-video = pipe("a red circle moving left", num_frames=65, height=128, width=128, num_inference_steps=16).frames[0]
+video = pipe("a red circle moving left", num_frames={r["frames"]}, height={r["height"]}, width={r["width"]},
+             num_inference_steps={r["eval_steps"]}, max_sequence_length={TEXT_LENGTH}).frames[0]
 ```
 
 ## Components
@@ -674,43 +671,48 @@ video = pipe("a red circle moving left", num_frames=65, height=128, width=128, n
 - VAE: `AutoencoderKLWan`, 2×2 pixel patchify then base dim 16, `dim_mult` [1, 2, 2], 16 latent channels: 8×
   spatial / 4× causal temporal compression (trained)
 - text encoder: `UMT5EncoderModel`, 2 layers, d_model 64, seeded random and frozen (a fixed feature map the
-  transformer learns to read); tokenizer: word level over the project's own vocabulary (`tiny_data.VOCAB`)
+  transformer learns to read); tokenizer: word level over the project's own vocabulary (`tiny_data.VOCAB`);
+  prompts padded to {TEXT_LENGTH} tokens (`max_sequence_length={TEXT_LENGTH}`)
 - scheduler: `FlowMatchEulerDiscreteScheduler(shift={SCHEDULER_SHIFT})`
 
 ## Data
 
-Procedural clips from `pipelines/tiny_data.py`: one shape (circle, square, triangle) in one of five colours
-(red, green, blue, yellow, white) moving left, right, up or down across a dark background, {r["frames"]} frames at
-{r["height"]}×{r["width"]}, with seeded size, path and speed; prompt "a {{colour}} {{shape}} moving {{direction}}".
-{r["clips_per_prompt"]} clips for each of the 60 prompts. No other data was used.
+Procedural clips from `pipelines/tiny_data.py` (`moving_clip`): one shape (circle, square, triangle) of radius
+{r["radius"][0]:g}–{r["radius"][1]:g} px in one of five colours (red, green, blue, yellow, white) moving left, right,
+up or down across a dark background at {r["speed"]:g} px per frame (one latent cell per latent frame), from a seeded
+start that keeps the path inside the frame; prompt "a {{colour}} {{shape}} moving {{direction}}".
+{r["clips_per_prompt"]} clips for each of the 60 prompts at each stage's size. No other data was used.
 
 ## Recipe (seed {r["seed"]})
 
-- VAE: {r["vae_steps"]} AdamW steps, batch {r["vae_batch"]}, random crops {r["vae_crop"]} (frames, h, w),
-  lr {r["vae_lr"]} cosine, loss L1 + MSE + {r["vae_kl"]}·KL. Held-out reconstruction PSNR
-  **{summary["vae"]["heldout_psnr_db"]:.1f} dB**.
-- Transformer: rectified flow (velocity target), logit-normal timesteps shifted by {SCHEDULER_SHIFT}, AdamW
-  lr {r["dit_lr"]} (warm-up {r["dit_warmup"]}, cosine to 10 %), {int(r["cfg_dropout"] * 100)} % empty prompts,
-  prompts padded to 512 tokens as `WanPipeline` pads them, length curriculum over latent prefixes:
+- VAE: {r["vae_steps"]} AdamW steps, batch {r["vae_batch"]}, random crops {tuple(r["vae_crop"])} (frames, h, w) of
+  {r["frames"]}-frame {r["height"]}×{r["width"]} clips, lr {r["vae_lr"]} cosine, loss L1 + MSE + {r["vae_kl"]}·KL.
+  Held-out reconstruction PSNR **{summary["vae"]["heldout_psnr_db"]:.1f} dB**.
+- Transformer: rectified flow (velocity target), logit-normal noise levels shifted by {SCHEDULER_SHIFT},
+  {int(r["frame_noise"] * 100)} % of the samples with an own noise level per latent frame (Wan's per-token timestep),
+  {int(r["cfg_dropout"] * 100)} % empty prompts; each stage a fresh AdamW (weight decay {r["dit_weight_decay"]}),
+  warm-up then cosine to 10 % of its lr, on latent prefixes of the stage's clips:
 
-| latent frames | batch | steps | final loss | seconds |
-|---:|---:|---:|---:|---:|
-{phases}
+| stage | clips (px × frames) | latent frames | batch | steps | lr | final loss | seconds |
+|---|---|---:|---:|---:|---:|---:|---:|
+{stages}
 
-{finetune}- VAE decoder fine-tune (after the transformer; the encoder and so the latent space stay frozen):
-  {r["decoder_steps"]} AdamW steps, batch {r["decoder_batch"]}, crops {r["decoder_crop"]}, lr {r["decoder_lr"]} cosine,
-  L1 + MSE on the posterior means. Held-out reconstruction PSNR **{summary["decoder"]["heldout_psnr_db"]:.1f} dB**.
+- VAE decoder fine-tune (after the transformer; the encoder and so the latent space stay frozen):
+  {r["decoder_steps"]} AdamW steps, batch {r["decoder_batch"]}, crops {tuple(r["decoder_crop"])}, lr
+  {r["decoder_lr"]} cosine, L1 + MSE on the posterior means. Held-out reconstruction PSNR
+  **{summary["decoder"]["heldout_psnr_db"]:.1f} dB**.
 
-Trained on `{summary["device"]}` ({summary["threads"]} threads), torch {summary["torch"]}: VAE {secs["vae"]:.0f} s,
-encoding {secs["encode"]:.0f} s, transformer {secs["transformer"]:.0f} s, decoder {secs["decoder"]:.0f} s, evaluation
-{secs["eval"]:.0f} s, total {secs["total"] / 60:.1f} min.{resumed}
-Reproduce: `python -m dit_sparse.pipelines.tiny_train --out pipelines/tiny_model --force --seed {r["seed"]}`.
+Trained on `{summary["device"]}` ({summary["threads"]} threads), torch {summary["torch"]}: VAE and latent statistics
+{secs["vae"]:.0f} s, transformer {dit_secs:.0f} s, decoder {secs["decoder"]:.0f} s, evaluation {secs["eval"]:.0f} s,
+total {summary["seconds"]["total"] / 60:.1f} min.
+Reproduce: `python -m dit_sparse.pipelines.tiny_train --out pipelines/tiny_model --force --seed {r["seed"]}`
+(add `--checkpoints DIR` to be able to continue an interrupted run).
 
 ## Metrics
 
 Detector check (`tiny_data.detect`: dominant colour of the moving blob, direction of its centroid's motion) on
-{ev["total"]} prompts, {r["eval_frames"]} frames, {r["eval_steps"]} steps, guidance {DEFAULTS["guidance_scale"]},
-seed 0: **{ev["matches"]}/{ev["total"]} match their prompt**.
+{ev["total"]} prompts, {r["frames"]} frames at {r["height"]}×{r["width"]}, {r["eval_steps"]} steps, guidance
+{DEFAULTS["guidance_scale"]}, prompt k from seed k: **{ev["matches"]}/{ev["total"]} match their prompt**.
 
 | prompt | detected colour | detected direction | match |
 |---|---|---|---|
@@ -718,8 +720,9 @@ seed 0: **{ev["matches"]}/{ev["total"]} match their prompt**.
 
 ## Limits
 
-It knows only its 60 prompts' words (others map to `<unk>`); shapes are soft and colours approximate; it is a test
-model for speed and quality comparisons of attention, not a generative model to use for anything else.
+It knows only its 60 prompts' words (others map to `<unk>`); shapes are soft and colours approximate; motion is
+learned at one speed. It is a test model for speed and quality comparisons of attention, not a generative model to use
+for anything else.
 """
 
 
@@ -739,13 +742,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run of a few steps at small sizes (seconds)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
-        "--checkpoints", type=Path, default=None, help="also save the VAE and each phase's weights here"
-    )
-    p.add_argument(
-        "--resume",
+        "--checkpoints",
         type=Path,
         default=None,
-        help="a folder an earlier run saved: keep its VAE encoder and transformer, run the stages it lacks",
+        help="save every finished stage here; run the same command again to continue after the last one",
     )
     args = p.parse_args(argv)
     if args.threads:
@@ -753,12 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe.quick() if args.quick else Recipe()
     recipe.seed = args.seed
     summary = train(
-        recipe,
-        args.out,
-        torch.device(args.device),
-        force=args.force,
-        checkpoints=args.checkpoints,
-        resume=args.resume,
+        recipe, args.out, torch.device(args.device), force=args.force, checkpoints=args.checkpoints
     )
     ev = summary["eval"]
     print(f"done in {summary['seconds']['total'] / 60:.1f} min; detector {ev['matches']}/{ev['total']}")

@@ -1,5 +1,5 @@
 """The training script of the bundled tiny text-to-video model: stock diffusers components saved as one
-``from_pretrained`` folder, reproducible from its seed, resumable without changing the weights, never clobbering.
+``from_pretrained`` folder, reproducible from its seed, continued from its checkpoints without changing the weights, never clobbering.
 
 (The shipped weights and the ≥ 80 % detector test land when a training run reaches that bar: see the issue note.)"""
 
@@ -82,26 +82,50 @@ def test_training_is_reproducible_from_its_seed(quick_model, tmp_path):
     )
 
 
-def test_a_resumed_run_writes_the_same_weights(quick_model, tmp_path):
-    """Stages up to the transformer in one process, the rest with --resume in another == one uninterrupted run."""
-    from dit_sparse.pipelines.tiny_train import Recipe, _train_base
-
-    recipe = Recipe.quick()
-    recipe.seed = 3
-    pipe, summary, _ = _train_base(recipe, torch.device("cpu"), None)
-    base = tmp_path / "base"
-    pipe.save_pretrained(base)
-    (base / "training.json").write_text(json.dumps(summary))
+def test_a_run_continued_from_checkpoints_writes_the_same_weights(quick_model, tmp_path):
+    """Interrupted after the first transformer stage, then the same command again == one uninterrupted run."""
+    ck = tmp_path / "ck"
+    first = tmp_path / "first"
+    assert main(["--out", str(first), "--quick", "--seed", "3", "--checkpoints", str(ck)]) == 0
+    _assert_same_weights(quick_model, first)
+    saved = {f.name for f in ck.iterdir()}
+    assert {
+        "vae.safetensors",
+        "transformer-A.safetensors",
+        "transformer-B.safetensors",
+        "decoder.json",
+    } <= saved
+    for name in ("transformer-B", "decoder"):  # as if the run had stopped during stage B
+        (ck / f"{name}.json").unlink()
+        (ck / f"{name}.safetensors").unlink()
+    saved_a = json.loads((ck / "transformer-A.json").read_text())
+    report_a = {**saved_a["report"], "marker": 1}
+    (ck / "transformer-A.json").write_text(json.dumps({**saved_a, "report": report_a}))
     resumed = tmp_path / "resumed"
-    assert main(["--out", str(resumed), "--resume", str(base)]) == 0
+    assert main(["--out", str(resumed), "--quick", "--seed", "3", "--checkpoints", str(ck)]) == 0
     _assert_same_weights(quick_model, resumed)
     info = json.loads((resumed / "training.json").read_text())
-    assert (
-        info["resumed_from"] == str(base)
-        and info["recipe"]["seed"] == 3
-        and "decoder" in info
-        and "finetune" in info
-    )
+    assert info["transformer"][0] == report_a  # stage A was loaded, not trained again
+    assert "marker" not in info["transformer"][1]
+    # another recipe (seed) must not pick up these stages
+    with pytest.raises(SystemExit, match=r"'vae'.*another recipe.*seed"):
+        main(["--out", str(tmp_path / "x"), "--quick", "--seed", "4", "--checkpoints", str(ck)])
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_changed_later_stage_reuses_the_earlier_checkpoints(tmp_path):
+    from dit_sparse.pipelines.tiny_train import Recipe, stage_depends
+
+    recipe = Recipe.quick()
+    changed = Recipe.quick()
+    changed.stages[1].steps += 1
+    changed.decoder_steps += 1
+    for name in ("vae", "transformer-A"):
+        assert stage_depends(recipe, name) == stage_depends(changed, name)
+    for name in ("transformer-B", "decoder"):
+        assert stage_depends(recipe, name) != stage_depends(changed, name)
+    changed.seed = 9
+    assert stage_depends(recipe, "transformer-A") != stage_depends(changed, "transformer-A")
 
 
 def test_training_never_clobbers_an_existing_folder(tmp_path):
