@@ -1,12 +1,14 @@
 """The bundled tiny text-to-video model: a stock diffusers ``WanPipeline`` small enough for a CPU.
 
-The trained weights live in ``pipelines/tiny_model/`` (a ``from_pretrained`` folder made by
-:mod:`~dit_sparse.pipelines.tiny_train`; its ``README.md`` is the model card). Attention dominates its cost exactly as
-in a real video DiT: 4,356 video tokens per self-attention at the default 33 frames × 176×176.
+Until the trained weights land (they will live in ``pipelines/tiny_model/`` as a ``from_pretrained`` folder made by
+:mod:`~dit_sparse.pipelines.tiny_train`), the default is an **untrained** model built from the configs below with a
+fixed seed: its videos are noise, but the whole path (pipeline, hook, processors, kernels, metrics, mp4s) is the real
+one, and attention dominates its cost exactly as in a real video DiT (4,352 video tokens per self-attention at the
+default size). The training recipe targets :data:`TRAINED_CANVAS` (4,356 tokens), which becomes the default with
+the weights.
 
-Without that folder (a checkout that dropped it) the default is an **untrained** model built from the configs below
-with a fixed seed, prompted through a tiny deterministic word embedding (each word hashed to a seeded vector): its
-videos are noise, but the whole path (pipeline, hook, processors, kernels, metrics, mp4s) is the real one.
+Prompts become text embeddings through a tiny deterministic word embedding (each word hashed to a seeded vector), so
+no tokenizer, text encoder or hub download is needed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ TEXT_LEN = 16
 TEXT_LENGTH = 16
 
 TRANSFORMER_CONFIG: dict[str, Any] = dict(
-    patch_size=(1, 1, 1),  # 1×1 patches: 176×176 px → 22×22 tokens per latent frame, cheap VAE, many tokens
+    patch_size=(1, 1, 1),  # 1×1 patches: 128×128 px → 16×16 tokens per latent frame, cheap VAE, many tokens
     num_attention_heads=2,
     attention_head_dim=64,
     in_channels=16,
@@ -51,8 +53,11 @@ VAE_CONFIG: dict[str, Any] = dict(
     scale_factor_spatial=8,
     scale_factor_temporal=4,
 )
+# the canvas the training recipe generates (33 frames × 176²: 9 × 22 × 22 = 4,356 tokens; the shape moves one latent
+# cell per latent frame and its 64 px path fits); it replaces DEFAULTS' size when the trained weights ship
+TRAINED_CANVAS: dict[str, int] = dict(height=176, width=176, num_frames=33)
 DEFAULTS: dict[str, Any] = dict(
-    height=176, width=176, num_frames=33, num_inference_steps=16, guidance_scale=5.0
+    height=128, width=128, num_frames=65, num_inference_steps=16, guidance_scale=5.0
 )
 
 
