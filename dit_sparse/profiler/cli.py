@@ -41,10 +41,10 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=None, help="use only the first N calibration prompts")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt runs with every seed")
     p.add_argument(
-        "--height", type=int, default=None, help="pixels (default: the model's default; tiny: 176)"
+        "--height", type=int, default=None, help="pixels (default: the model's default; tiny: 128)"
     )
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's default; tiny: 176)")
-    p.add_argument("--frames", type=int, default=None, help="video frames (default: the model's; tiny: 33)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's default; tiny: 128)")
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: the model's; tiny: 65)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps of the target use (tiny: 16)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (tiny: 5.0)")
     target = p.add_mutually_exclusive_group()
