@@ -130,14 +130,6 @@ class Recipe:
             eval_steps=2,
         )
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        d = dict(d)
-        d["stages"] = [Stage(**s) for s in d["stages"]]
-        for k in ("radius", "vae_crop", "decoder_crop"):
-            d[k] = tuple(d[k])
-        return cls(**d)
-
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
