@@ -13,7 +13,7 @@ from dit_sparse.pipelines.tiny_data import all_specs, detect, eval_prompts
 
 pytestmark = pytest.mark.skipif(
     not tiny.is_trained(),
-    reason="pipelines/tiny_model is missing (the trained weights are shipped in the repo)",
+    reason="pipelines/tiny_model is missing: the trained weights are not shipped yet (docs/tiny-model-training-notes.md)",
 )
 
 
