@@ -459,9 +459,8 @@ def stage_depends(recipe: Recipe, name: str) -> dict[str, Any]:
     """The recipe fields stage ``name`` (``vae``, ``decoder`` or ``transformer-<stage>``) and the stages it builds on
     depend on: a checkpoint is reused only when they are unchanged, so a later stage can be changed and re-run alone."""
     r = json.loads(json.dumps(asdict(recipe)))
-    data = ("seed", "frames", "height", "width", "speed", "radius", "clips_per_prompt")
+    data = ("seed", "frames", "height", "width", "speed", "radius", "clips_per_prompt", "shape_crops")
     vae = {k: r[k] for k in r if k in data or k.startswith("vae_")}
-    vae["shape_crops"] = r["shape_crops"]
     if name == "vae":
         return vae
     if name == "decoder":
