@@ -135,3 +135,51 @@ def test_training_never_clobbers_an_existing_folder(tmp_path):
     with pytest.raises(SystemExit, match="--force"):
         main(["--out", str(out), "--quick"])
     assert (out / "mine.txt").read_text() == "user data"
+
+
+def _logits(attn, x: torch.Tensor) -> torch.Tensor:
+    """Per-head attention logits of ``attn`` on ``x`` (queries and keys from ``x``), computed here from its
+    projections and qk norms: (heads, tokens, tokens)."""
+    heads = attn.heads
+    q = attn.norm_q(attn.to_q(x)).unflatten(-1, (heads, -1))
+    k = attn.norm_k(attn.to_k(x)).unflatten(-1, (heads, -1))
+    return torch.einsum("nhd,mhd->hnm", q[0], k[0]) / q.shape[-1] ** 0.5
+
+
+def test_sharpening_multiplies_every_self_attention_logit_and_leaves_cross_attention():
+    from diffusers import WanTransformer3DModel
+
+    from dit_sparse.pipelines.tiny_train import sharpen_self_attention
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**tiny.TRANSFORMER_CONFIG, "num_layers": 2})
+    with torch.no_grad():  # untrained norm weights are all 1: make them uneven, as trained ones are
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    x = torch.randn(1, 37, model.config.num_attention_heads * model.config.attention_head_dim)
+    with torch.no_grad():
+        before = [(_logits(b.attn1, x), _logits(b.attn2, x)) for b in model.blocks]
+        sharpen_self_attention(model, 1.7)
+        after = [(_logits(b.attn1, x), _logits(b.attn2, x)) for b in model.blocks]
+    for (self0, cross0), (self1, cross1) in zip(before, after):
+        torch.testing.assert_close(self1, 1.7 * self0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cross1, cross0, rtol=0, atol=0)
+
+
+def test_a_stage_sharpens_attention_once_at_its_start():
+    from diffusers import WanTransformer3DModel
+
+    from dit_sparse.pipelines.tiny_train import LatentData, Recipe, Stage, train_stage
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**tiny.TRANSFORMER_CONFIG, "num_layers": 1})
+    weights = model.blocks[0].attn1.norm_q.weight
+    before = weights.detach().clone()
+    data = LatentData(
+        torch.randn(2, 16, 3, 5, 3), torch.randn(2, tiny.TEXT_LENGTH, tiny.TEXT_DIM), torch.zeros(1)
+    )
+    # lr 0: the optimizer changes nothing, so the norm weights show the sharpening alone (× √4, applied once)
+    stage = Stage("X", 40, 9, 3, 2, 2, lr=0.0, warmup=1, attention_scale=4.0)
+    train_stage(model, data, stage, 0, Recipe.quick(), torch.device("cpu"))
+    torch.testing.assert_close(weights.detach(), 2 * before, rtol=0, atol=0)
