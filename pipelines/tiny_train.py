@@ -73,10 +73,6 @@ class Stage:
     steps: int
     lr: float
     warmup: int = 50
-    # multiply every self-attention's logits by this at the stage's start (qk-norm weights × its square root): a
-    # stage with more tokens per softmax than the one before can start from attention as sharp as there (log-n
-    # scaling: log(n_new) / log(n_old))
-    attention_scale: float = 1.0
 
 
 @dataclass
@@ -394,22 +390,11 @@ def flow_loss(
     return F.mse_loss(pred.float(), (noise - x0).to(device))
 
 
-@torch.no_grad()
-def sharpen_self_attention(transformer: Any, factor: float) -> None:
-    """Multiply the logits of every self-attention in ``transformer`` by ``factor``: Wan normalises queries and keys
-    (RMS norm across heads), so their norm weights, scaled by ``√factor`` each, set the softmax temperature."""
-    for block in transformer.blocks:
-        for norm in (block.attn1.norm_q, block.attn1.norm_k):
-            norm.weight.mul_(math.sqrt(factor))
-
-
 def train_stage(
     transformer: Any, data: LatentData, stage: Stage, index: int, recipe: Recipe, device: torch.device
 ) -> dict[str, Any]:
     """One stage with a fresh AdamW and its own generator (so a run continued from a checkpoint is the same)."""
     g = torch.Generator().manual_seed(recipe.seed + 10 + index)
-    if stage.attention_scale != 1.0:
-        sharpen_self_attention(transformer, stage.attention_scale)
     opt = torch.optim.AdamW(transformer.parameters(), lr=stage.lr, weight_decay=recipe.dit_weight_decay)
 
     def lr_at(step: int) -> float:
