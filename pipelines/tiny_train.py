@@ -361,6 +361,15 @@ class LatentData:
     empty: torch.Tensor  # the empty prompt's embedding (classifier-free guidance dropout)
 
 
+def noise_levels(batch: int, frames: int, frame_noise: float, g: torch.Generator) -> torch.Tensor:
+    """Training noise levels ``(batch, frames)``: shifted logit-normal, one per sample or (in ``frame_noise`` of the
+    samples) one per latent frame."""
+    per_frame = torch.rand(batch, generator=g) < frame_noise
+    same = shift_sigma(torch.sigmoid(torch.randn(batch, generator=g))).view(-1, 1).expand(-1, frames)
+    own = shift_sigma(torch.sigmoid(torch.randn(batch, frames, generator=g)))
+    return torch.where(per_frame.view(-1, 1), own, same)
+
+
 def flow_loss(
     transformer: Any,
     data: LatentData,
@@ -378,10 +387,7 @@ def flow_loss(
     drop = torch.rand(batch, generator=g) < recipe.cfg_dropout
     ctx[drop] = data.empty
     noise = torch.randn(x0.shape, generator=g)
-    per_frame = torch.rand(batch, generator=g) < recipe.frame_noise
-    same = shift_sigma(torch.sigmoid(torch.randn(batch, generator=g))).view(-1, 1).expand(-1, lat_frames)
-    own = shift_sigma(torch.sigmoid(torch.randn(batch, lat_frames, generator=g)))
-    sigma = torch.where(per_frame.view(-1, 1), own, same)  # (B, F')
+    sigma = noise_levels(batch, lat_frames, recipe.frame_noise, g)
     s = sigma.view(batch, 1, lat_frames, 1, 1)
     xt = (1 - s) * x0 + s * noise
     tokens = x0.shape[-2] * x0.shape[-1]

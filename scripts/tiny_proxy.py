@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,7 +39,7 @@ from dit_sparse.pipelines.tiny_data import (
     make_clip,
     moving_clip,
 )
-from dit_sparse.pipelines.tiny_train import build_text_encoder, build_tokenizer, shift_sigma
+from dit_sparse.pipelines.tiny_train import build_text_encoder, build_tokenizer, noise_levels, shift_sigma
 
 # the key offset (frames, rows, columns) each shift head looks at: where the shape was one latent frame earlier
 SHIFT_OFFSETS = {"left": (-1, 0, 1), "right": (-1, 0, -1), "up": (-1, 1, 0), "down": (-1, -1, 0)}
@@ -128,7 +129,7 @@ class Proxy:
         self.empty = self.embed([""])[0]
         self.model = self._model()
         if a.init is not None:
-            self.model.load_state_dict(torch.load(a.init, weights_only=True))
+            self.model.load_state_dict(load_file(a.init))
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
         e, _ = self.text.encode_prompt(
@@ -238,14 +239,7 @@ class Proxy:
             ctx = self.texts[idx].clone()
             ctx[torch.rand(a.batch, generator=self.g) < 0.1] = self.empty
             noise = torch.randn(x0.shape, generator=self.g)
-            per_frame = torch.rand(a.batch, generator=self.g) < a.frame_noise
-            same = (
-                shift_sigma(torch.sigmoid(torch.randn(a.batch, generator=self.g)))
-                .view(-1, 1)
-                .expand(-1, a.lf)
-            )
-            own = shift_sigma(torch.sigmoid(torch.randn(a.batch, a.lf, generator=self.g)))
-            sigma = torch.where(per_frame.view(-1, 1), own, same)  # (B, F)
+            sigma = noise_levels(a.batch, a.lf, a.frame_noise, self.g)  # (B, F)
             s = sigma.view(a.batch, 1, a.lf, 1, 1)
             loss = F.mse_loss(self.forward((1 - s) * x0 + s * noise, sigma, ctx), noise - x0)
             opt.zero_grad()
@@ -262,7 +256,7 @@ class Proxy:
                 self.print_evaluations()
                 model.train()
         if a.save:
-            torch.save(model.state_dict(), a.save)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.save)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -300,10 +294,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--init", type=Path, default=None, help="start from this state dict (another run's --save)"
+        "--init",
+        type=Path,
+        default=None,
+        help="start from these weights (another run's --save, a .safetensors file)",
     )
     p.add_argument(
-        "--save", type=Path, default=None, help="write the transformer's state dict here at the end"
+        "--save",
+        type=Path,
+        default=None,
+        help="write the transformer's weights here at the end (safetensors)",
     )
     return p.parse_args(argv)
 

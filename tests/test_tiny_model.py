@@ -135,3 +135,18 @@ def test_training_never_clobbers_an_existing_folder(tmp_path):
     with pytest.raises(SystemExit, match="--force"):
         main(["--out", str(out), "--quick"])
     assert (out / "mine.txt").read_text() == "user data"
+
+
+def test_noise_levels_are_shared_or_per_frame_as_asked():
+    from dit_sparse.pipelines.tiny_train import noise_levels
+
+    g = torch.Generator().manual_seed(0)
+    shared = noise_levels(64, 5, 0.0, g)
+    own = noise_levels(64, 5, 1.0, g)
+    mixed = noise_levels(4000, 3, 0.25, g)
+    for s in (shared, own, mixed):
+        assert ((s > 0) & (s < 1)).all()
+    assert (shared == shared[:, :1]).all()
+    assert (own != own[:, :1]).any(dim=1).all()
+    share = (mixed != mixed[:, :1]).any(dim=1).float().mean().item()
+    assert 0.22 < share < 0.28
