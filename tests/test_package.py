@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 from importlib import resources
+from pathlib import Path
+
+import pytest
 
 
 def _run(code: str, cwd: str) -> str:
@@ -34,6 +38,32 @@ def test_folders_are_mapped_into_the_dit_sparse_namespace(tmp_path):
         cwd=str(tmp_path),
     )
     assert out == "True dit_sparse.kernels.api"
+
+
+def test_kernels_folder_never_shadows_the_installed_kernels_package_from_the_repository_root():
+    # transformers >= 5.25 imports the Hugging Face `kernels` package; with the repository root on sys.path
+    # (`python -m ...` from there), `import kernels` finds our folder first and must hand on to the installed one
+    root = str(Path(__file__).resolve().parents[1])
+    code = (
+        "import kernels, dit_sparse.kernels as ours; "
+        "print(kernels.__file__ != ours.__file__, ours.sparse_attention.__module__)"
+    )
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the Hugging Face `kernels` package is not installed here")
+    assert _run(code, cwd=root) == "True dit_sparse.kernels.api"
+    assert _run("import transformers.integrations.hub_kernels", cwd=root) == ""
+
+
+def test_kernels_folder_imported_as_top_level_without_the_package_names_the_problem():
+    root = str(Path(__file__).resolve().parents[1])
+    # -S: no site-packages, so only the repository root can provide `kernels`
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", "import kernels"], capture_output=True, text=True, cwd=root
+    )
+    assert r.returncode != 0
+    assert "No module named 'kernels' is installed" in r.stderr and "dit_sparse.kernels" in r.stderr
 
 
 def test_shipped_profiles_are_valid_json_profiles():
