@@ -401,8 +401,8 @@ class DemoSession:
             except ProfileError as exc:
                 raise DemoError(str(exc)) from None
             self.default_choice = Path(profile).name
-        elif self.model_name.startswith("tiny"):
-            self.default_choice = "tiny-wan.json"
+        elif self.model_name == "tiny":
+            self.default_choice = "tiny-cogvideox.json"
         self.cache = DenseCache()
         self.lock = (
             threading.Lock()
@@ -423,10 +423,6 @@ class DemoSession:
         run_mode(self.pipe, args, self.model_name, "dense", None)
         self._warm.add(key)
         return True
-
-    @property
-    def untrained(self) -> bool:
-        return self.model_name == "tiny-untrained"
 
     def profile_choices(self) -> list[str]:
         return [*self.extra, *shipped_profiles(), DENSE_CHOICE, UPLOAD_CHOICE]
@@ -460,11 +456,6 @@ class DemoSession:
         profile = self.profile(choice, upload, settings, target)
         args = settings.namespace()
         notes = []
-        if self.untrained:
-            notes.append(
-                "the bundled tiny model is not trained yet: its videos are noise; timing, density and the "
-                "dense-vs-sparse comparison are real"
-            )
         with self.lock:
             key = DenseCache.key(self.model_name, settings)
             dense = self.cache.get(key)

@@ -193,11 +193,6 @@ def build_demo(session: DemoSession) -> gr.Blocks:
     defaults = Settings()
     with gr.Blocks(title="dit-sparse demo", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
-        if session.untrained:
-            gr.Markdown(
-                "**Note:** the bundled tiny model is not trained yet, so both videos are noise. The timings, "
-                "densities and the dense-vs-sparse difference are real."
-            )
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 prompt = gr.Textbox(label="Prompt", value=defaults.prompt, lines=2, elem_id="prompt")

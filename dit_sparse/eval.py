@@ -104,7 +104,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=_positive, default=DEFAULTS["height"], help="video height in pixels")
     p.add_argument("--width", type=_positive, default=DEFAULTS["width"], help="video width in pixels")
     p.add_argument(
-        "--frames", type=_positive, default=DEFAULTS["num_frames"], help="number of frames (4k+1 for Wan)"
+        "--frames",
+        type=_positive,
+        default=DEFAULTS["num_frames"],
+        help="number of frames (Wan: 4k+1; CogVideoX: 8k+1)",
     )
     p.add_argument(
         "--guidance", type=float, default=DEFAULTS["guidance_scale"], help="classifier-free guidance scale"

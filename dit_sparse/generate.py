@@ -43,10 +43,13 @@ class GenerateResult:
 def load_pipeline(model: str, device: str, dtype: torch.dtype | None) -> tuple[Any, str]:
     """(pipeline, model name). ``tiny`` is the bundled model; anything else loads offline from cache or folder."""
     if model == "tiny":
-        from .pipelines.tiny import is_trained, load_tiny_pipeline
+        from .pipelines.tiny import load_tiny_pipeline
 
-        pipe = load_tiny_pipeline()
-        name = "tiny" if is_trained() else "tiny-untrained"
+        try:
+            pipe = load_tiny_pipeline()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        name = "tiny"
     else:
         from diffusers import DiffusionPipeline
 
@@ -69,7 +72,7 @@ def resolve_profile(spec: str | None, pipe: Any, model_name: str) -> Profile:
     if spec in (None, "auto"):
         from importlib import resources
 
-        fname = {"tiny": "tiny-wan.json", "tiny-untrained": "tiny-wan.json"}.get(model_name)
+        fname = {"tiny": "tiny-cogvideox.json"}.get(model_name)
         if fname is None:
             raise SystemExit(
                 f"error: no profile ships for {model_name!r}; pass --profile PATH.json (make one with "
@@ -113,7 +116,7 @@ def _pipe_call(pipe: Any, args: argparse.Namespace, model_name: str) -> Any:
         generator=torch.Generator().manual_seed(args.seed),
         output_type="np",
     )
-    if model_name.startswith("tiny"):
+    if model_name == "tiny":
         from .pipelines.tiny import prompt_kwargs
 
         kw.update(prompt_kwargs(pipe, args.prompt, args.negative_prompt or ""))
@@ -250,11 +253,6 @@ def run(args: argparse.Namespace) -> GenerateResult:
     if dtype is None and device == "cuda":
         dtype = torch.bfloat16  # the Triton kernel runs fp16/bf16 on CUDA (fp32 is CPU-only)
     pipe, model_name = load_pipeline(args.model, device, dtype)
-    if model_name == "tiny-untrained":
-        print(
-            "note: the bundled tiny model is not trained yet: its video is noise. Timing, density and the dense vs "
-            "sparse comparison are real."
-        )
     modes = ["dense", "sparse"] if args.mode == "both" else [args.mode]
     profile = resolve_profile(args.profile, pipe, model_name) if "sparse" in modes else None
     out = GenerateResult(out_dir=new_run_dir(Path(args.out), args.prompt, args.seed))
@@ -352,7 +350,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=DEFAULTS["height"], help="video height in pixels")
     p.add_argument("--width", type=int, default=DEFAULTS["width"], help="video width in pixels")
     p.add_argument(
-        "--frames", type=int, default=DEFAULTS["num_frames"], help="number of frames (4k+1 for Wan)"
+        "--frames",
+        type=int,
+        default=DEFAULTS["num_frames"],
+        help="number of frames (Wan: 4k+1; CogVideoX: 8k+1)",
     )
     p.add_argument(
         "--guidance", type=float, default=DEFAULTS["guidance_scale"], help="classifier-free guidance scale"

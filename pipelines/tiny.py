@@ -1,63 +1,122 @@
-"""The bundled tiny text-to-video model: a stock diffusers ``WanPipeline`` small enough for a CPU.
+"""The bundled tiny text-to-video model: a stock diffusers ``CogVideoXPipeline`` small enough for a CPU.
 
-Until the trained weights land (they will live in ``pipelines/tiny_model/`` as a ``from_pretrained`` folder made by
-:mod:`~dit_sparse.pipelines.tiny_train`), the default is an **untrained** model built from the configs below with a
-fixed seed: its videos are noise, but the whole path (pipeline, hook, processors, kernels, metrics, mp4s) is the real
-one, and attention dominates its cost exactly as in a real video DiT (4,352 video tokens per self-attention at the
-default size). The training recipe targets :data:`TRAINED_CANVAS` (4,356 tokens), which becomes the default with
-the weights.
+Its weights live in ``pipelines/tiny_model/`` as a ``from_pretrained`` folder made by
+:mod:`~dit_sparse.pipelines.tiny_train` (model card and training figures inside). At the default canvas
+(:data:`DEFAULTS`: 33 frames × 176², latent 9 × 22 × 22) every self-attention sees 4,356 video tokens (+ 16 text
+tokens), so attention dominates its cost as in a real video DiT.
 
-Prompts become text embeddings through a tiny deterministic word embedding (each word hashed to a seeded vector), so
-no tokenizer, text encoder or hub download is needed.
+Why CogVideoX and not Wan: the CogVideoX-2B-style transformer adds *absolute* 3-D sin-cos positions to its tokens,
+so it can learn where the shape is in every frame directly; Wan's relative 3-D RoPE forces the model to agree on one
+path across all frames, which a 4-layer model trained on a CPU did not learn beyond 3–5 latent frames
+(docs/tiny-model-training-notes.md). The positions are normalised to the canvas (:func:`position_scales`), which is
+what lets the training script learn on small clips and then fine-tune at the default canvas.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
-import torch
-
 MODEL_DIR = Path(__file__).parent / "tiny_model"
 TEXT_DIM = 64
-TEXT_LEN = 16
-# prompt padding of the training script's full-length fine-tune (``max_sequence_length`` for a trained model)
+# prompt padding in training and generation (``max_sequence_length``; the transformer's ``max_text_seq_length``)
 TEXT_LENGTH = 16
+# the canvas spans this many units of the sin-cos position grid across, and this many along time, whatever its size
+SPACE_EXTENT = 4.0
+TIME_EXTENT = 3.0
+SPATIAL_COMPRESSION = 8
+TEMPORAL_COMPRESSION = 4
+
+# the canvas the model is trained for (33 frames × 176²: latent 9 × 22 × 22 = 4,356 tokens), the default of
+# `dit-sparse generate`
+TRAINED_CANVAS: dict[str, int] = dict(height=176, width=176, num_frames=33)
+DEFAULTS: dict[str, Any] = dict(**TRAINED_CANVAS, num_inference_steps=16, guidance_scale=5.0)
+
+
+def latent_shape(height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) of a canvas."""
+    return (
+        (num_frames - 1) // TEMPORAL_COMPRESSION + 1,
+        height // SPATIAL_COMPRESSION,
+        width // SPATIAL_COMPRESSION,
+    )
+
+
+def latent_position_scales(latent_frames: int, latent_rows: int) -> tuple[float, float]:
+    """``(spatial_interpolation_scale, temporal_interpolation_scale)`` that map a latent grid of this many frames
+    and rows onto the same normalised position range (:data:`SPACE_EXTENT` down the frame, :data:`TIME_EXTENT` along
+    time): CogVideoX's sin-cos grid is ``index / scale``. Columns share the rows' scale, so a wide canvas shows a
+    wider view at the same scale."""
+    return latent_rows / SPACE_EXTENT, latent_frames / TIME_EXTENT
+
+
+def position_scales(height: int, width: int, num_frames: int) -> tuple[float, float]:
+    """:func:`latent_position_scales` of a canvas in pixels and frames."""
+    frames, rows, _ = latent_shape(height, width, num_frames)
+    return latent_position_scales(frames, rows)
+
+
+def normalise_positions(transformer: Any) -> Any:
+    """Make ``transformer`` (the bundled ``CogVideoXTransformer3DModel``) normalise its sin-cos positions to the
+    canvas of every call, as in training, by a forward pre-hook on this instance's ``patch_embed`` (nothing global
+    changes). Without it a canvas other than the trained one shows a crop or a tiling of the trained canvas. At the
+    trained canvas the positions are the configured ones either way. Returns the hook's removable handle."""
+    embed = transformer.patch_embed
+
+    def set_scales(module: Any, args: tuple[Any, ...]) -> None:
+        image_embeds = args[1]  # (batch, latent frames, channels, rows, columns)
+        module.spatial_interpolation_scale, module.temporal_interpolation_scale = latent_position_scales(
+            int(image_embeds.shape[1]), int(image_embeds.shape[3])
+        )
+
+    return embed.register_forward_pre_hook(set_scales)
+
+
+_SPATIAL_SCALE, _TEMPORAL_SCALE = position_scales(**TRAINED_CANVAS)
+_LATENT = latent_shape(**TRAINED_CANVAS)
 
 TRANSFORMER_CONFIG: dict[str, Any] = dict(
-    patch_size=(1, 1, 1),  # 1×1 patches: 128×128 px → 16×16 tokens per latent frame, cheap VAE, many tokens
     num_attention_heads=2,
     attention_head_dim=64,
     in_channels=16,
     out_channels=16,
-    text_dim=TEXT_DIM,
-    freq_dim=64,
-    ffn_dim=256,
+    time_embed_dim=128,
+    text_embed_dim=TEXT_DIM,
     num_layers=4,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=256,
+    sample_width=_LATENT[2],
+    sample_height=_LATENT[1],
+    sample_frames=TRAINED_CANVAS["num_frames"],
+    patch_size=1,  # 1×1 patches: one token per latent cell
+    max_text_seq_length=TEXT_LENGTH,
+    use_rotary_positional_embeddings=False,  # CogVideoX-2B style: absolute 3-D sin-cos positions
+    spatial_interpolation_scale=_SPATIAL_SCALE,
+    temporal_interpolation_scale=_TEMPORAL_SCALE,
 )
-# Wan 2.2-style pixel patchify (2×2) before two 2× downsamplings: 8× spatial, 4× causal temporal compression,
-# cheap at full resolution (the first convolution runs at half resolution)
+# 8× spatial (four levels), 4× causal temporal compression, 16 latent channels
 VAE_CONFIG: dict[str, Any] = dict(
-    base_dim=16,
-    z_dim=16,
-    dim_mult=[1, 2, 2],
-    num_res_blocks=1,
-    temperal_downsample=[True, True],
-    patch_size=2,
-    in_channels=12,
-    out_channels=12,
-    scale_factor_spatial=8,
-    scale_factor_temporal=4,
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("CogVideoXDownBlock3D",) * 4,
+    up_block_types=("CogVideoXUpBlock3D",) * 4,
+    latent_channels=16,
+    layers_per_block=1,
+    norm_num_groups=8,
+    temporal_compression_ratio=TEMPORAL_COMPRESSION,
+    sample_height=TRAINED_CANVAS["height"],
+    sample_width=TRAINED_CANVAS["width"],
 )
-# the canvas the training recipe generates (33 frames × 176²: 9 × 22 × 22 = 4,356 tokens; the shape moves one latent
-# cell per latent frame and its 64 px path fits); it replaces DEFAULTS' size when the trained weights ship
-TRAINED_CANVAS: dict[str, int] = dict(height=176, width=176, num_frames=33)
-DEFAULTS: dict[str, Any] = dict(
-    height=128, width=128, num_frames=65, num_inference_steps=16, guidance_scale=5.0
+# CogVideoX-2B's scheduler: v-prediction, zero terminal SNR, SNR shift 3, trailing timesteps
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    num_train_timesteps=1000,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    set_alpha_to_one=True,
+    snr_shift_scale=3.0,
+    steps_offset=0,
+    timestep_spacing="trailing",
 )
 
 
@@ -65,56 +124,24 @@ def is_trained() -> bool:
     return (MODEL_DIR / "model_index.json").is_file()
 
 
-def load_tiny_pipeline(seed: int = 0) -> Any:
-    """The bundled model: trained weights from ``pipelines/tiny_model/`` when present, else the seeded untrained one."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
+def load_tiny_pipeline() -> Any:
+    """The bundled trained ``CogVideoXPipeline`` from ``pipelines/tiny_model/`` (offline), its positions normalised
+    to the canvas of each call (:func:`normalise_positions`), so any square canvas of 8k+1 frames shows the whole
+    scene."""
+    from diffusers import CogVideoXPipeline
 
-    if is_trained():
-        pipe = WanPipeline.from_pretrained(str(MODEL_DIR), local_files_only=True)
-    else:
-        gen_state = torch.random.get_rng_state()
-        try:
-            torch.manual_seed(seed)
-            transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
-            vae = AutoencoderKLWan(**VAE_CONFIG).eval()
-        finally:
-            torch.random.set_rng_state(gen_state)
-        pipe = WanPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=vae,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            transformer=transformer,
+    if not is_trained():
+        raise FileNotFoundError(
+            f"the bundled tiny model is missing from {MODEL_DIR} (a broken install or checkout?); reinstall "
+            "dit-sparse, or train it: python -m dit_sparse.pipelines.tiny_train --out "
+            f"{MODEL_DIR} (about an hour on a 2-core CPU)"
         )
+    pipe = CogVideoXPipeline.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    normalise_positions(pipe.transformer)
     return pipe
 
 
 def prompt_kwargs(pipe: Any, prompt: str, negative_prompt: str = "") -> dict[str, Any]:
-    """The prompt arguments of a call of the bundled pipeline: a trained model's own tokenizer and text encoder
-    with its training padding (``max_sequence_length`` = :data:`TEXT_LENGTH`), or the untrained model's seeded word
-    embedding."""
-    if getattr(pipe, "text_encoder", None) is not None:
-        return {"prompt": prompt, "negative_prompt": negative_prompt, "max_sequence_length": TEXT_LENGTH}
-    dtype = pipe.transformer.dtype
-    return {
-        "prompt_embeds": embed_prompt(prompt).to(pipe.device, dtype),
-        "negative_prompt_embeds": embed_prompt(negative_prompt).to(pipe.device, dtype),
-    }
-
-
-def embed_prompt(prompt: str, length: int = TEXT_LEN, dim: int = TEXT_DIM) -> torch.Tensor:
-    """``(1, length, dim)`` text embedding: one seeded vector per word (sha256 of the word), zero-padded."""
-    words = prompt.lower().split()[:length]
-    rows = []
-    for word in words:
-        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
-        rows.append(torch.randn(dim, generator=torch.Generator().manual_seed(seed)))
-    out = torch.zeros(1, length, dim)
-    if rows:
-        out[0, : len(rows)] = torch.stack(rows)
-    return out
+    """The prompt arguments of a call of the bundled pipeline: its own tokenizer and text encoder with its training
+    padding (``max_sequence_length`` = :data:`TEXT_LENGTH`, which its transformer requires)."""
+    return {"prompt": prompt, "negative_prompt": negative_prompt, "max_sequence_length": TEXT_LENGTH}

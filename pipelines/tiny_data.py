@@ -144,6 +144,35 @@ def moving_clip(
     return _render(spec, centres, r, height, width, pixel_centre=0.5)
 
 
+def centred_clip(
+    spec: ClipSpec,
+    frames: int,
+    height: int,
+    width: int,
+    seed: int = 0,
+    radius: tuple[float, float] = (0.126, 0.154),
+    travel: float = 0.5,
+) -> torch.Tensor:
+    """``(frames, 3, height, width)`` float in [0, 1]: the shape crosses ``travel`` of the frame at constant speed on
+    a path centred in the frame (the middle row or column), the same for every clip of a prompt; the seed picks only
+    its radius, uniform in ``radius`` × the shorter side. Everything scales with the canvas, so clips of two sizes
+    and lengths show the same motion in canvas-relative space and time (the bundled model's training data)."""
+    g = torch.Generator().manual_seed(seed)
+    u = float(torch.rand(1, generator=g))
+    r = min(height, width) * (radius[0] + (radius[1] - radius[0]) * u)
+    dy, dx = DIRECTIONS[spec.direction]
+    along = width if dx else height
+    length = travel * along
+    centres = []
+    for t in range(frames):
+        pos = (along - length) / 2 + length * t / max(frames - 1, 1)
+        if dx:
+            centres.append((height / 2, pos if dx > 0 else width - pos))
+        else:
+            centres.append((pos if dy > 0 else height - pos, width / 2))
+    return _render(spec, centres, r, height, width, pixel_centre=0.5)
+
+
 def _render(
     spec: ClipSpec, centres: list[tuple[float, float]], r: float, height: int, width: int, pixel_centre: float
 ) -> torch.Tensor:

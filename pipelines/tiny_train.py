@@ -1,32 +1,31 @@
 """Train the bundled tiny text-to-video model from scratch, reproducibly from a seed, on procedural clips.
 
-    python -m dit_sparse.pipelines.tiny_train --out pipelines/tiny_model --checkpoints ckpt   # ≈ 1.5 h, 2-core CPU
+    python -m dit_sparse.pipelines.tiny_train --out pipelines/tiny_model --checkpoints ckpt   # ≈ 1 h, 2-core CPU
     python -m dit_sparse.pipelines.tiny_train --out /tmp/m --device cuda                       # minutes on a GPU
     python -m dit_sparse.pipelines.tiny_train --out /tmp/m --quick                             # a smoke run (seconds)
 
-Every part is a stock diffusers / transformers component, saved as one ``WanPipeline.save_pretrained`` folder:
+Every part is a stock diffusers / transformers component, saved as one ``CogVideoXPipeline.save_pretrained`` folder:
 
 1. **tokenizer**: a word-level ``PreTrainedTokenizerFast`` over the project's own vocabulary
    (:data:`~dit_sparse.pipelines.tiny_data.VOCAB`), lower-cased, ``</s>`` appended like T5's.
-2. **text encoder**: a 2-layer ``UMT5EncoderModel`` (d_model 64), seeded and *frozen*: a fixed random feature
-   map of the vocabulary that the transformer learns to read. Prompts are padded to
+2. **text encoder**: a 2-layer ``T5EncoderModel`` (d_model 64), seeded and *frozen*: a fixed random feature map of
+   the vocabulary that the transformer learns to read. Prompts are padded to
    :data:`~dit_sparse.pipelines.tiny.TEXT_LENGTH` tokens (``max_sequence_length``) in training and generation.
-3. **VAE**: a small ``AutoencoderKLWan`` (2×2 pixel patchify like Wan 2.2's, then 4× more: 8× spatial, 4× causal
-   temporal compression, 16 latent channels) trained with L1 + MSE + a tiny KL on random crops of clips; its
-   ``latents_mean`` / ``latents_std`` are measured on the training latents; after the transformer its decoder is
-   fine-tuned alone (the latent space stays the same).
-4. **transformer**: the ``WanTransformer3DModel`` of :mod:`~dit_sparse.pipelines.tiny` trained with rectified flow
-   (velocity target, logit-normal timesteps shifted like the scheduler's ``shift=3``), 10 % empty prompts for
-   classifier-free guidance, and in half of the samples an own noise level per latent frame (diffusion forcing,
-   through Wan's per-token timestep input): the model often sees a clean frame beside a noisy one and learns to
-   carry the shape from frame to frame. Stages (:class:`Stage`): many cheap steps on small clips (64 px, 3 latent
-   frames), then the default canvas at 5 latent frames and at the generated length.
+3. **VAE**: a small ``AutoencoderKLCogVideoX`` (8× spatial, 4× causal temporal compression, 16 latent channels)
+   trained with L1 + MSE + a tiny KL on random crops of clips (most of them on the shape); its ``scaling_factor`` is
+   measured on the training latents (unit second moment).
+4. **transformer**: the CogVideoX-2B-style ``CogVideoXTransformer3DModel`` of :mod:`~dit_sparse.pipelines.tiny`
+   (absolute 3-D sin-cos positions, normalised to the canvas by :func:`~dit_sparse.pipelines.tiny.position_scales`)
+   trained with the pipeline's own ``CogVideoXDDIMScheduler`` objective (v-prediction, uniform timesteps, zero
+   terminal SNR), 10 % empty prompts for classifier-free guidance. Stages (:class:`Stage`): many cheap steps on
+   small, short clips, then a fine-tune at the default canvas. Because positions are canvas-relative and so is the
+   data, what the model learns on 64-px clips of 9 frames already holds, roughly, at 176 px and 33 frames.
 
-Data: :func:`~dit_sparse.pipelines.tiny_data.moving_clip` clips of every prompt "a {colour} {shape} moving
-{direction}": the shape moves 2 px per frame (one latent cell per latent frame), seeded size and path. Why this
-recipe: docs/tiny-model-training-notes.md. At the end the script generates one clip per evaluation prompt with the
-trained pipeline and checks it with the detector; the figures go into the model card (``README.md`` in the folder)
-and ``training.json``.
+Data: :func:`~dit_sparse.pipelines.tiny_data.centred_clip` clips of every prompt "a {colour} {shape} moving
+{direction}": the shape crosses half the frame on a path centred in it, seeded radius. Why this design:
+docs/tiny-model-training-notes.md. At the end the script generates one clip per evaluation prompt with the trained
+pipeline and checks it with the detector; the figures go into the model card (``README.md`` in the folder) and
+``training.json``.
 
 ``--checkpoints DIR`` saves every finished stage there; running the same command again continues after the last
 finished stage and writes the same weights as an uninterrupted run (every stage draws from its own seeded generator).
@@ -41,7 +40,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,26 +49,34 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .tiny import DEFAULTS, TEXT_DIM, TEXT_LENGTH, TRAINED_CANVAS, TRANSFORMER_CONFIG, VAE_CONFIG
-from .tiny_data import BACKGROUND, VOCAB, ClipSpec, all_specs, detect, eval_prompts, moving_clip
+from .tiny import (
+    DEFAULTS,
+    SCHEDULER_CONFIG,
+    TEXT_DIM,
+    TEXT_LENGTH,
+    TRAINED_CANVAS,
+    TRANSFORMER_CONFIG,
+    VAE_CONFIG,
+    latent_shape,
+    position_scales,
+)
+from .tiny_data import BACKGROUND, VOCAB, ClipSpec, all_specs, centred_clip, detect, eval_prompts
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 TEXT_ENCODER_CONFIG: dict[str, Any] = dict(
     d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0
 )
-MAX_SEQUENCE_LENGTH = 512  # the tokenizer's model_max_length (WanPipeline's default padding)
-SCHEDULER_SHIFT = 3.0
+MAX_SEQUENCE_LENGTH = 512  # the tokenizer's model_max_length
 
 
 @dataclass
 class Stage:
     """One transformer stage: ``steps`` AdamW steps (fresh optimizer, ``warmup`` steps then cosine to 10 % of
-    ``lr``) on the first ``latent_frames`` latent frames of clips of ``clip_frames`` frames at ``size``×``size`` px."""
+    ``lr``) on whole clips of ``frames`` frames at ``size``×``size`` px, positions normalised to that canvas."""
 
     name: str
     size: int
-    clip_frames: int
-    latent_frames: int
+    frames: int
     batch: int
     steps: int
     lr: float
@@ -80,14 +88,14 @@ class Recipe:
     """Everything that decides the trained weights (with the code and the torch version)."""
 
     seed: int = 0
-    # the generation canvas (the default of `dit-sparse generate` once the weights ship): VAE and evaluation data
+    # the generation canvas (the default of `dit-sparse generate`): VAE crops and evaluation
     frames: int = TRAINED_CANVAS["num_frames"]
     height: int = TRAINED_CANVAS["height"]
     width: int = TRAINED_CANVAS["width"]
-    speed: float = 2.0  # px per frame: one latent cell per latent frame
-    radius: tuple[float, float] = (8.0, 11.0)
-    clips_per_prompt: int = 8
-    vae_steps: int = 1800
+    radius: tuple[float, float] = (0.126, 0.154)  # shape radius, share of the frame's side
+    travel: float = 0.5  # share of the frame the shape crosses over a clip
+    clips_per_prompt: int = 4
+    vae_steps: int = 1500
     vae_batch: int = 4
     vae_crop: tuple[int, int, int] = (9, 48, 48)  # frames, height, width
     vae_lr: float = 1e-3
@@ -95,16 +103,13 @@ class Recipe:
     shape_crops: float = 0.9  # share of VAE / decoder training crops that hold the shape
     stages: list[Stage] = field(
         default_factory=lambda: [
-            Stage("A", 64, 9, 3, 8, 9000, 1e-3),
-            Stage("B", TRAINED_CANVAS["height"], TRAINED_CANVAS["num_frames"], 5, 4, 800, 3e-4),
-            Stage("C", TRAINED_CANVAS["height"], TRAINED_CANVAS["num_frames"], 9, 2, 400, 3e-4),
+            Stage("A", 64, 9, 8, 2400, 1e-3),
+            Stage("B", TRAINED_CANVAS["height"], TRAINED_CANVAS["num_frames"], 2, 300, 3e-4),
         ]
     )
-    frame_noise: float = 0.5  # share of samples with an own noise level per latent frame
     dit_weight_decay: float = 0.01
     cfg_dropout: float = 0.1
-    # optional decoder-only fine-tune on the frozen encoder's latents after the transformer (0: none; 600 steps
-    # gained < 0.1 dB held-out PSNR in a run whose VAE had trained on uniform crops)
+    # optional decoder-only fine-tune on the frozen encoder's latents after the transformer (0: none)
     decoder_steps: int = 0
     decoder_batch: int = 4
     decoder_crop: tuple[int, int, int] = (9, 64, 64)
@@ -121,11 +126,11 @@ class Recipe:
             clips_per_prompt=1,
             vae_steps=2,
             vae_batch=2,
-            vae_crop=(5, 32, 32),
-            stages=[Stage("A", 32, 5, 2, 2, 2, 1e-3, 1), Stage("B", 48, 9, 3, 2, 2, 3e-4, 1)],
+            vae_crop=(9, 32, 32),
+            stages=[Stage("A", 32, 9, 2, 2, 1e-3, 1), Stage("B", 48, 9, 2, 2, 3e-4, 1)],
             decoder_steps=2,
             decoder_batch=2,
-            decoder_crop=(5, 32, 32),
+            decoder_crop=(9, 32, 32),
             eval_prompts=2,
             eval_steps=2,
         )
@@ -198,11 +203,11 @@ def build_tokenizer() -> Any:
 
 
 def build_text_encoder(vocab_size: int, seed: int) -> Any:
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        enc = UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **TEXT_ENCODER_CONFIG))
+        enc = T5EncoderModel(T5Config(vocab_size=vocab_size, **TEXT_ENCODER_CONFIG))
     return enc.eval().requires_grad_(False)
 
 
@@ -225,7 +230,7 @@ def recipe_clip(
     recipe: Recipe, spec: ClipSpec, seed: int, frames: int, height: int, width: int
 ) -> torch.Tensor:
     """One training clip ``(3, F, H, W)`` in [-1, 1] (the VAE's layout and range)."""
-    clip = moving_clip(spec, frames, height, width, seed=seed, speed=recipe.speed, radius=recipe.radius)
+    clip = centred_clip(spec, frames, height, width, seed=seed, radius=recipe.radius, travel=recipe.travel)
     return clip.permute(1, 0, 2, 3) * 2 - 1
 
 
@@ -285,7 +290,9 @@ def finetune_decoder(vae: Any, recipe: Recipe, device: torch.device) -> dict[str
     """Decoder-only fine-tune on the frozen encoder's posterior means (what the transformer learned to generate):
     sharper, truer colours without changing the latent space. Its own generator, so it can run after any stage."""
     g = torch.Generator().manual_seed(recipe.seed + 3)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    params = list(vae.decoder.parameters())
+    if vae.post_quant_conv is not None:
+        params += list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(recipe.decoder_steps))
 
@@ -306,7 +313,8 @@ def finetune_decoder(vae: Any, recipe: Recipe, device: torch.device) -> dict[str
 def encode_clips(
     vae: Any, recipe: Recipe, size: int, frames: int, device: torch.device
 ) -> tuple[torch.Tensor, list[ClipSpec]]:
-    """Posterior means of every training clip made at ``size``×``size`` px, ``frames`` frames: ``(N, C, F', H', W')``."""
+    """Posterior means of every training clip made at ``size``×``size`` px, ``frames`` frames: ``(N, C, F', H', W')``
+    (the VAE's layout, unscaled)."""
     clips = training_clips(recipe)
     out, specs = [], []
     bar = _progress(len(clips), f"encode {frames}×{size}²")
@@ -349,55 +357,61 @@ def _text_table(pipe: Any, specs: list[ClipSpec]) -> tuple[dict[str, torch.Tenso
     return {p: e for p, e in zip(prompts, embeds)}, empty[0]
 
 
-def shift_sigma(sigma: Any, shift: float = SCHEDULER_SHIFT) -> Any:
-    """The scheduler's timestep shift of a noise level in [0, 1] (a float or a tensor): ``s·σ / (1 + (s - 1)·σ)``."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
 @dataclass
 class LatentData:
-    latents: torch.Tensor  # normalised posterior means (N, C, F', H', W')
-    texts: torch.Tensor  # (N, TEXT_LENGTH, text dim) prompt embeddings, zero-padded as WanPipeline pads them
+    latents: torch.Tensor  # scaled posterior means (N, F', C, H', W'): CogVideoX's layout and scale
+    texts: torch.Tensor  # (N, TEXT_LENGTH, text dim) prompt embeddings, padded as the pipeline pads them
     empty: torch.Tensor  # the empty prompt's embedding (classifier-free guidance dropout)
 
 
-def noise_levels(batch: int, frames: int, frame_noise: float, g: torch.Generator) -> torch.Tensor:
-    """Training noise levels ``(batch, frames)``: shifted logit-normal, one per sample or (in ``frame_noise`` of the
-    samples) one per latent frame."""
-    per_frame = torch.rand(batch, generator=g) < frame_noise
-    same = shift_sigma(torch.sigmoid(torch.randn(batch, generator=g))).view(-1, 1).expand(-1, frames)
-    own = shift_sigma(torch.sigmoid(torch.randn(batch, frames, generator=g)))
-    return torch.where(per_frame.view(-1, 1), own, same)
+@contextmanager
+def canvas_positions(transformer: Any, size: int, frames: int) -> Iterator[None]:
+    """Within the block the transformer's sin-cos positions are normalised to a ``size``² canvas of ``frames``
+    frames (:func:`~dit_sparse.pipelines.tiny.position_scales`) instead of its configured canvas."""
+    embed = transformer.patch_embed
+    saved = embed.spatial_interpolation_scale, embed.temporal_interpolation_scale
+    embed.spatial_interpolation_scale, embed.temporal_interpolation_scale = position_scales(
+        size, size, frames
+    )
+    try:
+        yield
+    finally:
+        embed.spatial_interpolation_scale, embed.temporal_interpolation_scale = saved
 
 
-def flow_loss(
+def v_loss(
     transformer: Any,
+    alphas_cumprod: torch.Tensor,
     data: LatentData,
-    lat_frames: int,
     batch: int,
     recipe: Recipe,
     device: torch.device,
     g: torch.Generator,
 ) -> torch.Tensor:
-    """Rectified-flow loss on a random batch of latent prefixes: predict ``noise - x0`` at shifted noise levels, one
-    per sample or (in ``recipe.frame_noise`` of the samples) one per latent frame."""
+    """The pipeline scheduler's objective on a random batch: ``x_t = √ᾱ·x0 + √(1-ᾱ)·ε`` at a uniform timestep,
+    target ``v = √ᾱ·ε - √(1-ᾱ)·x0``."""
     idx = torch.randint(len(data.latents), (batch,), generator=g)
-    x0 = data.latents[idx, :, :lat_frames]
+    x0 = data.latents[idx]
     ctx = data.texts[idx].clone()
     drop = torch.rand(batch, generator=g) < recipe.cfg_dropout
     ctx[drop] = data.empty
     noise = torch.randn(x0.shape, generator=g)
-    sigma = noise_levels(batch, lat_frames, recipe.frame_noise, g)
-    s = sigma.view(batch, 1, lat_frames, 1, 1)
-    xt = (1 - s) * x0 + s * noise
-    tokens = x0.shape[-2] * x0.shape[-1]
-    timestep = (sigma * 1000).view(batch, lat_frames, 1).expand(-1, -1, tokens).reshape(batch, -1)
-    pred = transformer(xt.to(device), timestep.to(device), ctx.to(device), return_dict=False)[0]
-    return F.mse_loss(pred.float(), (noise - x0).to(device))
+    t = torch.randint(len(alphas_cumprod), (batch,), generator=g)
+    a = alphas_cumprod[t].view(batch, 1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    pred = transformer(xt.to(device), ctx.to(device), t.to(device), return_dict=False)[0]
+    return F.mse_loss(pred.float(), target.to(device))
 
 
 def train_stage(
-    transformer: Any, data: LatentData, stage: Stage, index: int, recipe: Recipe, device: torch.device
+    transformer: Any,
+    alphas_cumprod: torch.Tensor,
+    data: LatentData,
+    stage: Stage,
+    index: int,
+    recipe: Recipe,
+    device: torch.device,
 ) -> dict[str, Any]:
     """One stage with a fresh AdamW and its own generator (so a run continued from a checkpoint is the same)."""
     g = torch.Generator().manual_seed(recipe.seed + 10 + index)
@@ -410,14 +424,15 @@ def train_stage(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start = time.perf_counter()
     transformer.train()
-    losses = _optimise(
-        list(transformer.parameters()),
-        opt,
-        sched,
-        stage.steps,
-        f"DiT {stage.name}: {stage.latent_frames} latent frames at {stage.size} px",
-        lambda: flow_loss(transformer, data, stage.latent_frames, stage.batch, recipe, device, g),
-    )
+    with canvas_positions(transformer, stage.size, stage.frames):
+        losses = _optimise(
+            list(transformer.parameters()),
+            opt,
+            sched,
+            stage.steps,
+            f"DiT {stage.name}: {stage.frames} frames at {stage.size} px",
+            lambda: v_loss(transformer, alphas_cumprod, data, stage.batch, recipe, device, g),
+        )
     transformer.eval()
     return {
         **asdict(stage),
@@ -465,7 +480,7 @@ def stage_depends(recipe: Recipe, name: str) -> dict[str, Any]:
     """The recipe fields stage ``name`` (``vae``, ``decoder`` or ``transformer-<stage>``) and the stages it builds on
     depend on: a checkpoint is reused only when they are unchanged, so a later stage can be changed and re-run alone."""
     r = json.loads(json.dumps(asdict(recipe)))
-    data = ("seed", "frames", "height", "width", "speed", "radius", "clips_per_prompt", "shape_crops")
+    data = ("seed", "frames", "height", "width", "radius", "travel", "clips_per_prompt", "shape_crops")
     vae = {k: r[k] for k in r if k in data or k.startswith("vae_")}
     if name == "vae":
         return vae
@@ -474,7 +489,7 @@ def stage_depends(recipe: Recipe, name: str) -> dict[str, Any]:
     names = [f"transformer-{s.name}" for s in recipe.stages]
     if name not in names:
         raise ValueError(f"unknown stage {name!r}; known: vae, decoder, {', '.join(names)}")
-    dit = {k: r[k] for k in ("frame_noise", "dit_weight_decay", "cfg_dropout")}
+    dit = {k: r[k] for k in ("dit_weight_decay", "cfg_dropout")}
     return {**vae, **dit, "stages": r["stages"][: names.index(name) + 1]}
 
 
@@ -527,15 +542,34 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def transformer_config(recipe: Recipe) -> dict[str, Any]:
+    """The tiny transformer's config with its sample canvas and position scales set to the recipe's canvas (the
+    shipped model: :data:`~dit_sparse.pipelines.tiny.TRANSFORMER_CONFIG` itself)."""
+    spatial, temporal = position_scales(recipe.height, recipe.width, recipe.frames)
+    _, rows, cols = latent_shape(recipe.height, recipe.width, recipe.frames)
+    return {
+        **TRANSFORMER_CONFIG,
+        "sample_height": rows,
+        "sample_width": cols,
+        "sample_frames": recipe.frames,
+        "spatial_interpolation_scale": spatial,
+        "temporal_interpolation_scale": temporal,
+    }
+
+
+def vae_config(recipe: Recipe) -> dict[str, Any]:
+    return {**VAE_CONFIG, "sample_height": recipe.height, "sample_width": recipe.width}
+
+
 def train(
     recipe: Recipe, out: Path, device: torch.device, force: bool = False, checkpoints: Path | None = None
 ) -> dict[str, Any]:
-    """All stages: VAE (+ latent statistics) → transformer stages → decoder fine-tune → evaluation → save."""
+    """All stages: VAE (+ latent scale) → transformer stages → decoder fine-tune → evaluation → save."""
     from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
     )
 
     if out.exists() and any(out.iterdir()) and not force:
@@ -546,15 +580,12 @@ def train(
     text_encoder = build_text_encoder(len(tokenizer), recipe.seed)
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed + 1)
-        vae = AutoencoderKLWan(**VAE_CONFIG).to(device)
+        vae = AutoencoderKLCogVideoX(**vae_config(recipe)).to(device)
         torch.manual_seed(recipe.seed + 2)
-        transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG).to(device)
-    pipe = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
-        transformer=transformer,
+        transformer = CogVideoXTransformer3DModel(**transformer_config(recipe)).to(device)
+    scheduler = CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
+    pipe = CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
 
     def vae_stage() -> dict[str, Any]:
@@ -562,12 +593,11 @@ def train(
         report: dict[str, Any] = train_vae(vae, recipe, device)
         report["heldout_psnr_db"] = vae_psnr(vae, recipe, device)
         latents, _ = encode_clips(vae, recipe, recipe.height, recipe.frames, device)
-        report["latents_mean"] = [round(float(v), 6) for v in latents.mean(dim=(0, 2, 3, 4))]
-        report["latents_std"] = [round(float(v), 6) for v in latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)]
+        report["scaling_factor"] = round(1.0 / float(latents.pow(2).mean().sqrt()), 6)  # unit second moment
         return report
 
     vae_report = ck.run("vae", vae, vae_stage)
-    vae.register_to_config(latents_mean=vae_report["latents_mean"], latents_std=vae_report["latents_std"])
+    vae.register_to_config(scaling_factor=vae_report["scaling_factor"])
     _log(f"VAE held-out reconstruction PSNR {vae_report['heldout_psnr_db']:.1f} dB")
     summary: dict[str, Any] = {
         "recipe": asdict(recipe),
@@ -578,8 +608,6 @@ def train(
         "transformer": [],
     }
 
-    mean = torch.tensor(vae_report["latents_mean"]).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae_report["latents_std"]).view(1, -1, 1, 1, 1)
     datasets: dict[tuple[int, int], LatentData] = {}
 
     def dataset(size: int, frames: int) -> LatentData:
@@ -587,17 +615,20 @@ def train(
             latents, specs = encode_clips(vae, recipe, size, frames, device)
             table, empty = _text_table(pipe, specs)
             datasets[(size, frames)] = LatentData(
-                (latents - mean) / std, torch.stack([table[s.prompt] for s in specs]), empty
+                (latents * vae_report["scaling_factor"]).permute(0, 2, 1, 3, 4).contiguous(),
+                torch.stack([table[s.prompt] for s in specs]),
+                empty,
             )
         return datasets[(size, frames)]
 
+    alphas_cumprod = scheduler.alphas_cumprod.float()
     _log(f"transformer: {sum(p.numel() for p in transformer.parameters()):,} parameters")
     for i, stage in enumerate(recipe.stages):
         report = ck.run(
             f"transformer-{stage.name}",
             transformer,
             lambda stage=stage, i=i: train_stage(
-                transformer, dataset(stage.size, stage.clip_frames), stage, i, recipe, device
+                transformer, alphas_cumprod, dataset(stage.size, stage.frames), stage, i, recipe, device
             ),
         )
         summary["transformer"].append(report)
@@ -656,10 +687,11 @@ def _save(pipe: Any, summary: dict[str, Any], out: Path, force: bool) -> None:
 def model_card(summary: dict[str, Any]) -> str:
     r = summary["recipe"]
     ev = summary["eval"]
-    tokens = ((r["frames"] - 1) // 4 + 1) * (r["height"] // 8) * (r["width"] // 8)
+    lf, rows, cols = latent_shape(r["height"], r["width"], r["frames"])
+    tokens = lf * rows * cols
     stages = "\n".join(
-        f"| {s['name']} | {s['size']}×{s['size']} × {s['clip_frames']} | {s['latent_frames']} | {s['batch']} | "
-        f"{s['steps']:,} | {s['lr']} | {s['final_loss']:.4f} | {s['seconds']:.0f} |"
+        f"| {s['name']} | {s['size']}×{s['size']} × {s['frames']} | {s['batch']} | {s['steps']:,} | {s['lr']} | "
+        f"{s['final_loss']:.4f} | {s['seconds']:.0f} |"
         for s in summary["transformer"]
     )
     clips = "\n".join(
@@ -678,51 +710,68 @@ def model_card(summary: dict[str, Any]) -> str:
     )
     return f"""# dit-sparse tiny text-to-video model
 
-A stock diffusers `WanPipeline` small enough to run on a laptop CPU, trained from scratch by
+A stock diffusers `CogVideoXPipeline` small enough to run on a laptop CPU, trained from scratch by
 `python -m dit_sparse.pipelines.tiny_train` (source: `pipelines/tiny_train.py`). It is the default model of
-`dit-sparse generate`: big enough that attention dominates ({tokens:,} video tokens per self-attention at the default
-{r["frames"]} frames × {r["height"]}×{r["width"]}), small enough to run dense on a CPU in about a minute.
+`dit-sparse generate`: big enough that attention dominates ({tokens:,} video tokens + {TEXT_LENGTH} text tokens per
+self-attention at the default {r["frames"]} frames × {r["height"]}×{r["width"]}), small enough to run dense on a CPU
+in about a minute.
 
 ```python
-from diffusers import WanPipeline
-pipe = WanPipeline.from_pretrained("pipelines/tiny_model")
-video = pipe("a red circle moving left", num_frames={r["frames"]}, height={r["height"]}, width={r["width"]},
-             num_inference_steps={r["eval_steps"]}, max_sequence_length={TEXT_LENGTH}).frames[0]
+from diffusers import CogVideoXPipeline
+
+pipe = CogVideoXPipeline.from_pretrained("pipelines/tiny_model")
+video = pipe(
+    "a red circle moving left",
+    num_frames={r["frames"]},
+    height={r["height"]},
+    width={r["width"]},
+    num_inference_steps={r["eval_steps"]},
+    max_sequence_length={TEXT_LENGTH},
+).frames[0]
 ```
+
+`max_sequence_length={TEXT_LENGTH}` is required: the transformer was built for {TEXT_LENGTH} text tokens.
 
 ## Components
 
-- transformer: `WanTransformer3DModel`, 4 layers, 2 heads × 64, patch 1×1×1, text dim 64 (trained)
-- VAE: `AutoencoderKLWan`, 2×2 pixel patchify then base dim 16, `dim_mult` [1, 2, 2], 16 latent channels: 8×
-  spatial / 4× causal temporal compression (trained)
-- text encoder: `UMT5EncoderModel`, 2 layers, d_model 64, seeded random and frozen (a fixed feature map the
-  transformer learns to read); tokenizer: word level over the project's own vocabulary (`tiny_data.VOCAB`);
-  prompts padded to {TEXT_LENGTH} tokens (`max_sequence_length={TEXT_LENGTH}`)
-- scheduler: `FlowMatchEulerDiscreteScheduler(shift={SCHEDULER_SHIFT})`
+- transformer: `CogVideoXTransformer3DModel` (CogVideoX-2B style: absolute 3-D sin-cos positions, no RoPE), 4
+  layers, 2 heads × 64, patch 1×1, text dim {TEXT_DIM} (trained). Its positions are normalised to the default canvas
+  (`spatial_interpolation_scale` {TRANSFORMER_CONFIG["spatial_interpolation_scale"]:g}, `temporal_interpolation_scale`
+  {TRANSFORMER_CONFIG["temporal_interpolation_scale"]:g}); at another size or length plain
+  `from_pretrained` shows a crop or a tiling of the motion it learned;
+  `dit_sparse.pipelines.tiny.load_tiny_pipeline()` (what `dit-sparse generate` uses) loads this folder and
+  normalises the positions to every call's canvas, as in training, so any square canvas of 8k+1 frames works.
+- VAE: `AutoencoderKLCogVideoX`, `block_out_channels` {list(VAE_CONFIG["block_out_channels"])}, 16 latent
+  channels: 8× spatial / 4× causal temporal compression (trained); `scaling_factor`
+  {summary["vae"]["scaling_factor"]:g} (measured: unit second moment of the training latents)
+- text encoder: `T5EncoderModel`, 2 layers, d_model {TEXT_DIM}, seeded random and frozen (a fixed feature map the
+  transformer learns to read); tokenizer: word level over the project's own vocabulary (`tiny_data.VOCAB`)
+- scheduler: `CogVideoXDDIMScheduler` (CogVideoX-2B's settings: v-prediction, zero terminal SNR, SNR shift 3)
 
 ## Data
 
-Procedural clips from `pipelines/tiny_data.py` (`moving_clip`): one shape (circle, square, triangle) of radius
-{r["radius"][0]:g}–{r["radius"][1]:g} px in one of five colours (red, green, blue, yellow, white) moving left, right,
-up or down across a dark background at {r["speed"]:g} px per frame (one latent cell per latent frame), from a seeded
-start that keeps the path inside the frame; prompt "a {{colour}} {{shape}} moving {{direction}}".
-{r["clips_per_prompt"]} clips for each of the 60 prompts at each stage's size. No other data was used.
+Procedural clips from `pipelines/tiny_data.py` (`centred_clip`): one shape (circle, square, triangle) of radius
+{r["radius"][0]:g}–{r["radius"][1]:g} × the frame side in one of five colours (red, green, blue, yellow, white)
+moving left, right, up or down across a dark background at constant speed, crossing {r["travel"]:g} of the frame on a
+path centred in it: every clip of a prompt shows the same motion (only the radius is seeded), so a prompt always
+gives about the same video. Prompt "a {{colour}} {{shape}} moving {{direction}}"; {r["clips_per_prompt"]} clips for
+each of the 60 prompts at each stage's size. No other data was used.
 
 ## Recipe (seed {r["seed"]})
 
 - VAE: {r["vae_steps"]} AdamW steps, batch {r["vae_batch"]}, random crops {tuple(r["vae_crop"])} (frames, h, w) of
-  {r["frames"]}-frame {r["height"]}×{r["width"]} clips, lr {r["vae_lr"]} cosine, loss L1 + MSE + {r["vae_kl"]}·KL.
-  Held-out reconstruction PSNR **{summary["vae"]["heldout_psnr_db"]:.1f} dB**.
-- Transformer: rectified flow (velocity target), logit-normal noise levels shifted by {SCHEDULER_SHIFT},
-  {int(r["frame_noise"] * 100)} % of the samples with an own noise level per latent frame (Wan's per-token timestep),
-  {int(r["cfg_dropout"] * 100)} % empty prompts; each stage a fresh AdamW (weight decay {r["dit_weight_decay"]}),
-  warm-up then cosine to 10 % of its lr, on latent prefixes of the stage's clips:
+  {r["frames"]}-frame {r["height"]}×{r["width"]} clips ({int(r["shape_crops"] * 100)} % of them on the shape), lr
+  {r["vae_lr"]} cosine, loss L1 + MSE + {r["vae_kl"]}·KL. Held-out reconstruction PSNR
+  **{summary["vae"]["heldout_psnr_db"]:.1f} dB**.
+- Transformer: the scheduler's own objective (v-prediction at uniform timesteps), {int(r["cfg_dropout"] * 100)} %
+  empty prompts; each stage a fresh AdamW (weight decay {r["dit_weight_decay"]}), warm-up then cosine to 10 % of its
+  lr, on whole clips of the stage's size with positions normalised to that canvas:
 
-| stage | clips (px × frames) | latent frames | batch | steps | lr | final loss | seconds |
-|---|---|---:|---:|---:|---:|---:|---:|
+| stage | clips (px × frames) | batch | steps | lr | final loss | seconds |
+|---|---|---:|---:|---:|---:|---:|
 {stages}
 
-{decoder}Trained on `{summary["device"]}` ({summary["threads"]} threads), torch {summary["torch"]}: VAE and latent statistics
+{decoder}Trained on `{summary["device"]}` ({summary["threads"]} threads), torch {summary["torch"]}: VAE and latent scale
 {secs["vae"]:.0f} s, transformer {dit_secs:.0f} s, decoder {secs["decoder"]:.0f} s, evaluation {secs["eval"]:.0f} s,
 total {summary["seconds"]["total"] / 60:.1f} min.
 Reproduce: `python -m dit_sparse.pipelines.tiny_train --out pipelines/tiny_model --force --seed {r["seed"]}`
@@ -740,19 +789,19 @@ Detector check (`tiny_data.detect`: dominant colour of the moving blob, directio
 
 ## Limits
 
-It knows only its 60 prompts' words (others map to `<unk>`); shapes are soft and colours approximate; motion is
-learned at one speed. It is a test model for speed and quality comparisons of attention, not a generative model to use
-for anything else.
+It knows only its 60 prompts' words (others map to `<unk>`) and one path per prompt; shapes are soft and colours
+approximate. It is a test model for speed and quality comparisons of attention, not a generative model to use for
+anything else.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m dit_sparse.pipelines.tiny_train",
-        description="Train the bundled tiny text-to-video WanPipeline from scratch on procedural clips.",
+        description="Train the bundled tiny text-to-video CogVideoXPipeline from scratch on procedural clips.",
     )
     p.add_argument(
-        "--out", required=True, type=Path, help="folder to write (WanPipeline.save_pretrained layout)"
+        "--out", required=True, type=Path, help="folder to write (CogVideoXPipeline.save_pretrained layout)"
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of data, initialisation and training (default 0)"

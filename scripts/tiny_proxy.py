@@ -39,7 +39,9 @@ from dit_sparse.pipelines.tiny_data import (
     make_clip,
     moving_clip,
 )
-from dit_sparse.pipelines.tiny_train import build_text_encoder, build_tokenizer, noise_levels, shift_sigma
+from dit_sparse.pipelines.tiny_train import build_text_encoder, build_tokenizer
+
+SCHEDULER_SHIFT = 3.0  # FlowMatchEulerDiscreteScheduler(shift=3), the Wan-era tiny model's sampler
 
 # the key offset (frames, rows, columns) each shift head looks at: where the shape was one latent frame earlier
 SHIFT_OFFSETS = {"left": (-1, 0, 1), "right": (-1, 0, -1), "up": (-1, 1, 0), "down": (-1, -1, 0)}
@@ -81,6 +83,21 @@ def init_shift_heads(model: Any, scale: float) -> None:
             attn.to_k.bias.copy_(torch.cat(k))
             attn.norm_q.weight.fill_(scale)
             attn.norm_k.weight.fill_(scale)
+
+
+def shift_sigma(sigma: Any, shift: float = SCHEDULER_SHIFT) -> Any:
+    """The flow-matching scheduler's timestep shift of a noise level in [0, 1] (a float or a tensor):
+    ``s·σ / (1 + (s - 1)·σ)``."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def noise_levels(batch: int, frames: int, frame_noise: float, g: torch.Generator) -> torch.Tensor:
+    """Training noise levels ``(batch, frames)``: shifted logit-normal, one per sample or (in ``frame_noise`` of the
+    samples) one per latent frame."""
+    per_frame = torch.rand(batch, generator=g) < frame_noise
+    same = shift_sigma(torch.sigmoid(torch.randn(batch, generator=g))).view(-1, 1).expand(-1, frames)
+    own = shift_sigma(torch.sigmoid(torch.randn(batch, frames, generator=g)))
+    return torch.where(per_frame.view(-1, 1), own, same)
 
 
 def pool(clip: torch.Tensor) -> torch.Tensor:

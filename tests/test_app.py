@@ -42,7 +42,7 @@ from dit_sparse.profile import Profile
 SMALL = Settings(
     prompt="a red circle moving left", seed=3, steps=3, height=48, width=64, frames=17, guidance=1.0
 )
-SHIPPED = "tiny-wan.json"
+SHIPPED = "tiny-cogvideox.json"
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_retarget_changes_only_window_heads(session):
 
 
 def test_demo_layout_follows_the_settings(session):
-    # Wan tiny: VAE /8 in space, /4 in time, 1×1×1 patches; no hard-coded sizes
+    # the bundled CogVideoX: VAE /8 in space, /4 in time, 1×1 patches; no hard-coded sizes
     assert demo_layout(session.pipe, Settings(height=96, width=160, frames=21), 64).grid == (6, 12, 20)
     assert demo_layout(session.pipe, Settings(height=48, width=48, frames=1), 64).grid == (1, 6, 6)
 

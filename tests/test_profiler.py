@@ -662,7 +662,7 @@ def test_cli_inspect_prints_and_writes_pngs(cli_profile, tmp_path, capsys):
     masks = sorted(p.name for p in (tmp_path / "png").glob("mask_*.png"))
     distinct = {s.pattern for heads in prof.layers for s in heads}
     assert len(masks) >= len(distinct)
-    # the shipped hand-written profile has no calibration grid: table and heatmaps still work
-    shipped = Path(__file__).parents[1] / "profiles" / "tiny-wan.json"
+    # the shipped profile (made by the profiler for the bundled model): table and heatmaps work
+    shipped = Path(__file__).parents[1] / "profiles" / "tiny-cogvideox.json"
     assert _cli("inspect", str(shipped), "--png-dir", str(tmp_path / "png2")) == 0
     assert (tmp_path / "png2" / "patterns.png").is_file()

@@ -66,3 +66,17 @@ def test_a_short_run_trains_evaluates_and_is_continued_from_its_weights(arch, ca
     assert proxy.main([*argv, "--steps", "0", "--init", str(saved)]) == 0
     again = capsys.readouterr().out
     assert again.strip() == out.strip().splitlines()[-1].strip()
+
+
+def test_noise_levels_are_shared_or_per_frame_as_asked():
+    noise_levels = proxy.noise_levels
+    g = torch.Generator().manual_seed(0)
+    shared = noise_levels(64, 5, 0.0, g)
+    own = noise_levels(64, 5, 1.0, g)
+    mixed = noise_levels(4000, 3, 0.25, g)
+    for s in (shared, own, mixed):
+        assert ((s > 0) & (s < 1)).all()
+    assert (shared == shared[:, :1]).all()
+    assert (own != own[:, :1]).any(dim=1).all()
+    share = (mixed != mixed[:, :1]).any(dim=1).float().mean().item()
+    assert 0.22 < share < 0.28

@@ -41,10 +41,10 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=None, help="use only the first N calibration prompts")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt runs with every seed")
     p.add_argument(
-        "--height", type=int, default=None, help="pixels (default: the model's default; tiny: 128)"
+        "--height", type=int, default=None, help="pixels (default: the model's default; tiny: 176)"
     )
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's default; tiny: 128)")
-    p.add_argument("--frames", type=int, default=None, help="video frames (default: the model's; tiny: 65)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's default; tiny: 176)")
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: the model's; tiny: 33)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps of the target use (tiny: 16)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (tiny: 5.0)")
     target = p.add_mutually_exclusive_group()
@@ -167,7 +167,7 @@ def run_profile(args: argparse.Namespace) -> int:
             f"{args.model!r} is not a pipeline with a .transformer (dit-sparse profiles DiT pipelines)"
         )
     defaults: dict[str, object] = {}
-    if model_name.startswith("tiny"):
+    if model_name == "tiny":
         from ..pipelines.tiny import DEFAULTS
 
         defaults = {
@@ -212,7 +212,7 @@ def run_profile(args: argparse.Namespace) -> int:
             pipe,
             cfg,
             out,
-            model_id=model_name if model_name != "tiny-untrained" else "tiny",
+            model_id=model_name,
             encode=default_encoder(model_name, pipe),
             resume=args.resume,
             command=command,

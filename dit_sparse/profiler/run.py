@@ -318,7 +318,7 @@ def pipe_kwargs(cfg: ProfileConfig, seed: int, output_type: str) -> dict[str, An
 
 def default_encoder(model_name: str, pipe: Any) -> Encoder:
     """Prompt -> pipeline kwargs: the bundled model's (``tiny.prompt_kwargs``), otherwise the plain prompt."""
-    if model_name.startswith("tiny"):
+    if model_name == "tiny":
         from ..pipelines.tiny import prompt_kwargs
 
         return lambda prompt: prompt_kwargs(pipe, prompt)
