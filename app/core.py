@@ -131,7 +131,8 @@ def choose_profile(choice: str, upload: str | Path | None, pipe: Any, extra: dic
 # ------------------------------------------------------------------------------------------------ layout + knob
 def demo_layout(pipe: Any, settings: Settings, block_size: int) -> MaskLayout:
     """The self-attention token layout a generation at ``settings`` will have, predicted from the pipeline's VAE
-    compression factors and the transformer's patch size (video tokens only: joint-attention text is not counted)."""
+    compression factors and the transformer's patch size; joint-attention text counts where the transformer's config
+    names its length (``max_text_seq_length``, CogVideoX), else only video tokens are counted."""
     spatial = getattr(pipe, "vae_scale_factor_spatial", None)
     temporal = getattr(pipe, "vae_scale_factor_temporal", None)
     if spatial is None or temporal is None:
@@ -139,15 +140,25 @@ def demo_layout(pipe: Any, settings: Settings, block_size: int) -> MaskLayout:
             f"cannot predict the latent grid of a {type(pipe).__name__} (it has no vae_scale_factor_spatial/"
             "temporal); the mask picture and the density knob need it. Generation itself still works"
         )
-    patch = list(getattr(pipe.transformer.config, "patch_size", None) or [1, 1, 1])
-    pt, ph, pw = (int(x) for x in patch) if len(patch) == 3 else (1, int(patch[0]), int(patch[-1]))
+    from ..pipelines import family_for
+
+    try:  # each family knows its transformer's patch (an int, a list, or a separate temporal patch)
+        family = family_for(pipe.transformer)
+        patch = family.patch_size(pipe.transformer) or [1]
+    except TypeError as err:  # UnsupportedModelError
+        raise DemoError(f"cannot predict the latent grid: {err}") from err
+    # joint attention (text inside self-attention, e.g. CogVideoX): the text length its pipeline pads to
+    num_text = 0
+    if family.text_position != "none":
+        num_text = int(getattr(pipe.transformer.config, "max_text_seq_length", 0) or 0)
+    pt, ph, pw = patch if len(patch) == 3 else (1, patch[0], patch[-1])
     frames = (int(settings.frames) - 1) // int(temporal) + 1
     grid = (
         max(1, frames // pt),
         max(1, int(settings.height) // int(spatial) // ph),
         max(1, int(settings.width) // int(spatial) // pw),
     )
-    return MaskLayout(grid, 0, False, block_size)
+    return MaskLayout(grid, num_text, family.text_position == "first", block_size)
 
 
 def head_density(mask: torch.Tensor, layout: MaskLayout) -> float:
@@ -176,10 +187,15 @@ def fit_window(base: dict[str, Any], layout: MaskLayout, target: float) -> tuple
             candidates.append(cand)
         if all(v >= g for v, g in zip(cand.values(), layout.grid)):
             break  # already covers the whole grid
+
+    def density(params: dict[str, int]) -> float:  # as the kernel sees it: text rows/columns dense
+        mask = build_pattern("window", params, layout, "cpu")[None, None]
+        return head_density(force_text_dense(mask, layout)[0, 0], layout)
+
     best = candidates[0]
-    best_d = head_density(build_pattern("window", best, layout, "cpu"), layout)
+    best_d = density(best)
     for cand in candidates[1:]:  # density grows with the window: stop at the first one over the target
-        d = head_density(build_pattern("window", cand, layout, "cpu"), layout)
+        d = density(cand)
         if d > target + 1e-9:
             break
         best, best_d = cand, d

@@ -50,10 +50,37 @@ def session(tmp_path_factory):
     return DemoSession(out_dir=tmp_path_factory.mktemp("demo"))
 
 
+# the shipped profile keeps every head of the trained tiny model dense (profiles/README.md), so the tests of the
+# sparse side use this one: the shipped file with a mix of sparse heads and one dense warm-up step
+SPARSE_HEADS = [
+    [
+        ("window", {"f": 1, "h": 2, "w": 2}),
+        ("tile_window", {"tf": 2, "th": 2, "tw": 2, "wf": 1, "wh": 1, "ww": 1}),
+    ],
+    [("window", {"f": 0, "h": 1, "w": 3}), ("dense", {})],
+    [("radial", {"band": 64, "dense_frames": 1, "sink": 1}), ("window", {"f": 2, "h": 1, "w": 1})],
+    [("window", {"f": 1, "h": 3, "w": 2}), ("window", {"f": 0, "h": 2, "w": 2})],
+]
+
+
+def sparse_profile_dict() -> dict:
+    d = read_shipped(SHIPPED).to_dict()
+    d["layers"] = [[{"pattern": p, "params": q} for p, q in heads] for heads in SPARSE_HEADS]
+    d["schedule"] = {"dense_steps": 1, "dense_layers": [], "refresh_interval": 0}
+    return d
+
+
 @pytest.fixture(scope="module")
-def first(session):
-    """One dense + sparse comparison with the shipped profile (the dense side lands in the cache)."""
-    return session.compare(SMALL, SHIPPED)
+def sparse_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profiles") / "tiny-sparse.json"
+    path.write_text(json.dumps(sparse_profile_dict()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first(session, sparse_file):
+    """One dense + sparse comparison with a sparse profile (the dense side lands in the cache)."""
+    return session.compare(SMALL, UPLOAD_CHOICE, sparse_file)
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -71,7 +98,7 @@ def test_compare_writes_three_videos_and_metrics(first):
     assert first.speedup == pytest.approx(first.dense.seconds / first.sparse.seconds)
     assert not first.dense_cached
     assert any("untimed 1-step warm-up" in n for n in first.notes)  # first run at this size
-    assert any("not trained" in n for n in first.notes) == first.profile.model_id.startswith("tiny")
+    assert not any("not trained" in n for n in first.notes)  # the bundled model is trained: no such caveat
 
 
 def test_dense_side_is_cached_and_dense_profile_is_bit_identical(session, first):
@@ -153,8 +180,8 @@ def test_fit_window_is_the_largest_window_within_the_target(target):
     assert density == pytest.approx(head_density(build_pattern("window", params, layout, "cpu"), layout))
 
 
-def test_retarget_changes_only_window_heads(session):
-    base = read_shipped(SHIPPED)
+def test_retarget_changes_only_window_heads(session, sparse_file):
+    base = read_uploaded(sparse_file)
     base.layers[1][0] = replace(base.layers[1][0], pattern="dense", params={}, density=None)
     layout = demo_layout(session.pipe, Settings(height=128, width=128, frames=33), base.block_size)
     low = retarget(base, layout, 0.2)
@@ -196,8 +223,8 @@ def test_mask_image_shows_each_block():
             assert pic[i * cell + cell // 2, j * cell + cell // 2].tolist() == want.tolist()
 
 
-def test_heatmap_and_mask_of_the_shipped_profile(session):
-    prof = read_shipped(SHIPPED)
+def test_heatmap_and_mask_of_a_profile(session, sparse_file):
+    prof = read_uploaded(sparse_file)
     layout = demo_layout(session.pipe, Settings(height=64, width=64, frames=17), prof.block_size)
     table = density_table(prof, layout)
     assert table.shape == (4, 2)
@@ -225,7 +252,7 @@ def test_psnr_points_and_upscale():
 
 
 # ------------------------------------------------------------------------------------------------ gradio layer
-def test_ui_results_preview_and_error_messages(session, first):
+def test_ui_results_preview_and_error_messages(session, first, sparse_file):
     gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'dit-sparse[demo]')")
     from dit_sparse.app import ui
 
@@ -234,7 +261,7 @@ def test_ui_results_preview_and_error_messages(session, first):
     assert float(out["speedup"].rstrip("×")) == pytest.approx(first.speedup, abs=0.006)
     assert out["psnr"].split()[0] == f"{first.metrics['psnr_mean']:.2f}"
     assert list(out["psnr_plot"]["frame"]) == list(range(17))
-    heat, mask, info = ui.preview(session, SHIPPED, None, 48, 64, 17, 0.0, 0, 1)
+    heat, mask, info = ui.preview(session, UPLOAD_CHOICE, str(sparse_file), 48, 64, 17, 0.0, 0, 1)
     assert heat.ndim == mask.ndim == 3 and "5×6×8" in info
     assert "has none" in ui.preview(session, DENSE_CHOICE, None, 48, 64, 17, 0.5, 0, 0)[2]
 
