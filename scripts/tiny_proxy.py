@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_sparse.pipelines.tiny import TEXT_LENGTH, TRANSFORMER_CONFIG
+from dit_sparse.pipelines.tiny import TEXT_DIM, TEXT_LENGTH
 from dit_sparse.pipelines.tiny_data import (
     DIRECTIONS,
     all_specs,
@@ -40,6 +40,22 @@ from dit_sparse.pipelines.tiny_data import (
     moving_clip,
 )
 from dit_sparse.pipelines.tiny_train import build_text_encoder, build_tokenizer
+
+# the earlier bundled model's Wan transformer (kept for --arch wan, the experiments in the training notes)
+WAN_CONFIG: dict = dict(
+    patch_size=(1, 1, 1),
+    num_attention_heads=2,
+    attention_head_dim=64,
+    in_channels=16,
+    out_channels=16,
+    text_dim=TEXT_DIM,
+    freq_dim=64,
+    ffn_dim=256,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=256,
+)
 
 SCHEDULER_SHIFT = 3.0  # FlowMatchEulerDiscreteScheduler(shift=3), the Wan-era tiny model's sampler
 
@@ -159,7 +175,7 @@ class Proxy:
         if a.arch == "wan":
             from diffusers import WanTransformer3DModel
 
-            cfg = dict(TRANSFORMER_CONFIG, in_channels=3, out_channels=3, num_attention_heads=a.heads)
+            cfg = dict(WAN_CONFIG, in_channels=3, out_channels=3, num_attention_heads=a.heads)
             cfg.update(attention_head_dim=a.dim // a.heads, ffn_dim=2 * a.dim)
             model = WanTransformer3DModel(**cfg)
             with torch.no_grad():

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from tiny_profiles import SHIPPED, write_sparse_profile
 
 from dit_sparse.app.core import (
     _VIRIDIS,
@@ -42,7 +43,6 @@ from dit_sparse.profile import Profile
 SMALL = Settings(
     prompt="a red circle moving left", seed=3, steps=3, height=48, width=64, frames=17, guidance=1.0
 )
-SHIPPED = "tiny-cogvideox.json"
 
 
 @pytest.fixture(scope="module")
@@ -50,31 +50,10 @@ def session(tmp_path_factory):
     return DemoSession(out_dir=tmp_path_factory.mktemp("demo"))
 
 
-# the shipped profile keeps every head of the trained tiny model dense (profiles/README.md), so the tests of the
-# sparse side use this one: the shipped file with a mix of sparse heads and one dense warm-up step
-SPARSE_HEADS = [
-    [
-        ("window", {"f": 1, "h": 2, "w": 2}),
-        ("tile_window", {"tf": 2, "th": 2, "tw": 2, "wf": 1, "wh": 1, "ww": 1}),
-    ],
-    [("window", {"f": 0, "h": 1, "w": 3}), ("dense", {})],
-    [("radial", {"band": 64, "dense_frames": 1, "sink": 1}), ("window", {"f": 2, "h": 1, "w": 1})],
-    [("window", {"f": 1, "h": 3, "w": 2}), ("window", {"f": 0, "h": 2, "w": 2})],
-]
-
-
-def sparse_profile_dict() -> dict:
-    d = read_shipped(SHIPPED).to_dict()
-    d["layers"] = [[{"pattern": p, "params": q} for p, q in heads] for heads in SPARSE_HEADS]
-    d["schedule"] = {"dense_steps": 1, "dense_layers": [], "refresh_interval": 0}
-    return d
-
-
 @pytest.fixture(scope="module")
 def sparse_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("profiles") / "tiny-sparse.json"
-    path.write_text(json.dumps(sparse_profile_dict()))
-    return path
+    # the shipped profile keeps every head dense: the sparse side is tested with sparse heads
+    return write_sparse_profile(tmp_path_factory.mktemp("profiles") / "tiny-sparse.json")
 
 
 @pytest.fixture(scope="module")

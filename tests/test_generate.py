@@ -7,24 +7,27 @@ import subprocess
 import sys
 
 import pytest
+from tiny_profiles import write_sparse_profile
 
 from dit_sparse.cli import main
 
 SMALL = ["--height", "64", "--width", "48", "--frames", "9", "--steps", "3", "--seed", "3"]
-# latent 5×12×12 = 720 tokens = 12 blocks of 64: big enough for the shipped window profile to skip blocks
+# latent 5×12×12 = 720 video + 16 text tokens = 12 blocks of 64 (the last partial): a window profile skips blocks
 MEDIUM = ["--height", "96", "--width", "96", "--frames", "17", "--steps", "4", "--seed", "3"]
 
 
 def test_generate_both_modes_writes_videos_and_report(tmp_path, capsys):
-    assert main(["generate", *MEDIUM, "--out", str(tmp_path)]) == 0
+    # the shipped profile keeps every head dense (profiles/README.md): run one with sparse heads
+    profile = write_sparse_profile(tmp_path / "sparse.json")
+    assert main(["generate", *MEDIUM, "--profile", str(profile), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    (run_dir,) = list(tmp_path.iterdir())
+    (run_dir,) = list((tmp_path / "out").iterdir())
     names = sorted(p.name for p in run_dir.iterdir())
     assert names == ["dense.mp4", "report.json", "side_by_side.mp4", "sparse.mp4"]
     report = json.loads((run_dir / "report.json").read_text())
     runs, metrics = report["runs"], report["metrics"]
     assert runs["dense"]["seconds"] > 0 and runs["sparse"]["seconds"] > 0
-    assert 0 < runs["sparse"]["mean_density"] < 1  # the shipped profile really runs sparse at this size
+    assert 0 < runs["sparse"]["mean_density"] < 1  # the profile really runs sparse at this size
     assert len(metrics["psnr_per_frame"]) == 17 and len(metrics["ssim_per_frame"]) == 17
     assert metrics["psnr_mean"] > 20 and 0 < metrics["ssim_mean"] <= 1
     assert metrics["speedup"] == pytest.approx(runs["dense"]["seconds"] / runs["sparse"]["seconds"])
