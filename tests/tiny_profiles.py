@@ -22,8 +22,13 @@ SPARSE_HEADS = [
 ]
 
 
+def shipped_profile_dict() -> dict:
+    """The shipped profile of the bundled model, as the JSON it is."""
+    return json.loads(resources.files("dit_sparse.profiles").joinpath(SHIPPED).read_text(encoding="utf-8"))
+
+
 def sparse_profile_dict() -> dict:
-    d = json.loads(resources.files("dit_sparse.profiles").joinpath(SHIPPED).read_text(encoding="utf-8"))
+    d = shipped_profile_dict()
     d["layers"] = [[{"pattern": p, "params": q} for p, q in heads] for heads in SPARSE_HEADS]
     d["schedule"] = {"dense_steps": 1, "dense_layers": [], "refresh_interval": 0}
     d["summary"] = {}
