@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU checks, as one prepared script for a short GPU lease: `bash benchmarks/gpu_check.sh STAGE...`.
+#
+# Runs in the repository root of a GPU machine whose python3 has torch + triton but no diffusers: wheels saved in
+# .whl/ (diffusers, importlib_metadata) are installed into /tmp/site first, then this checkout editable. Each stage
+# has its own time limit, so one that hangs or fails does not cost the others; everything goes to $OUT (default
+# /tmp/gpu-out): the benchmarks' JSON/Markdown files and log.txt. Stages:
+#   tests     the CUDA-only tests (compiled Triton kernel vs the fp64 reference, no host sync), a subset of shapes
+#   alltests  every CUDA-only test
+#   kernel    dit-sparse bench kernel on the Wan2.1-1.3B 480p shape (cuDNN, FA2, Flex, ours)
+#   e2e13     dit-sparse bench e2e, Wan2.1-1.3B 480p, every pattern at densities 0.25 and 0.1
+#   e2e14     dit-sparse bench e2e, Wan2.1-14B 720p, radial at density 0.1, 1 warm-up + 1 timed step
+#   compile13 dit-sparse bench e2e --compile, Wan2.1-1.3B 480p, radial at density 0.1
+#   profile   benchmarks/profile_wan.py: the profiler on a random-weight Wan2.1-1.3B-shaped pipeline at 480p
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+T0=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+
+stamp setup
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "editable install failed"; exit 1; }
+python3 -c "import torch, triton, diffusers, dit_sparse; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'diffusers', diffusers.__version__, \
+'gpu', torch.cuda.get_device_name())" || exit 1
+
+# The benchmarks run from outside the checkout: its top-level kernels/ folder would shadow Hugging Face's `kernels`
+# package, which transformers 5 imports (diffusers -> peft -> transformers.integrations.hub_kernels).
+REPO=$PWD
+
+run() {  # run LIMIT_S CMD...: one stage under its own time limit
+  local limit=$1; shift
+  stamp "start (limit ${limit} s): $*"
+  (cd /tmp && timeout --signal=INT --kill-after=15 "$limit" "$@")
+  stamp "rc=$? $*"
+}
+
+for stage in "$@"; do
+  case $stage in
+    tests)
+      run 150 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$REPO" \
+        "$REPO/tests/test_kernels.py::test_triton_cuda_matches_reference[16-64-dtype0]" \
+        "$REPO/tests/test_kernels.py::test_triton_cuda_matches_reference[64-96-dtype1]" \
+        "$REPO/tests/test_kernels.py::test_triton_cuda_matches_reference[128-128-dtype1]" \
+        "$REPO/tests/test_kernels.py::test_triton_cuda_matches_reference[128-64-dtype0]" \
+        "$REPO/tests/test_kernels.py::test_triton_cuda_launch_has_no_host_sync" \
+        "$REPO/tests/test_indices.py::test_build_block_index_has_no_host_sync" ;;
+    alltests) run 400 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$REPO" "$REPO/tests/test_kernels.py" "$REPO/tests/test_indices.py" ;;
+    kernel) run 150 python3 -m dit_sparse bench kernel --shapes wan2.1-1.3b-480p --densities 1 0.5 0.25 0.1 --out "$OUT" ;;
+    e2e13) run 200 python3 -m dit_sparse bench e2e --models wan2.1-1.3b-480p --densities 0.25 0.1 --out "$OUT" ;;
+    e2e14)
+      run 300 python3 -m dit_sparse bench e2e --models wan2.1-14b-720p --densities 0.1 --patterns radial \
+        --reps 1 --warmup 1 --out "$OUT" ;;
+    compile13)
+      run 300 python3 -m dit_sparse bench e2e --models wan2.1-1.3b-480p --densities 0.1 --patterns radial --compile \
+        --out "$OUT" ;;
+    profile) run 420 python3 "$REPO/benchmarks/profile_wan.py" --out "$OUT" ;;
+    *) echo "unknown stage: $stage" ;;
+  esac
+done
+stamp done
