@@ -12,6 +12,7 @@
 #   e2e14     dit-sparse bench e2e, Wan2.1-14B 720p, radial at density 0.1, 1 warm-up + 1 timed step
 #   compile13 dit-sparse bench e2e --compile, Wan2.1-1.3B 480p, radial at density 0.1
 #   profile   benchmarks/profile_wan.py: the profiler on a random-weight Wan2.1-1.3B-shaped pipeline at 480p
+#             (extra options in $PROFILE_ARGS, e.g. "--num-prompts 1 --no-verify")
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -62,7 +63,7 @@ for stage in "$@"; do
     compile13)
       run 300 python3 -m dit_sparse bench e2e --models wan2.1-1.3b-480p --densities 0.1 --patterns radial --compile \
         --out "$OUT" ;;
-    profile) run 420 python3 "$REPO/benchmarks/profile_wan.py" --out "$OUT" ;;
+    profile) run 420 python3 "$REPO/benchmarks/profile_wan.py" --out "$OUT" ${PROFILE_ARGS:-} ;;
     *) echo "unknown stage: $stage" ;;
   esac
 done
