@@ -195,6 +195,17 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` for the block: modules built inside get ``dtype`` parameters directly."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_transformer(spec: E2EModel, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     """``spec``'s transformer with random weights, created directly on ``device`` in ``dtype`` (no float32 copy
     first: a 14B model in bf16 is 28 GB); modules real checkpoints keep in float32 are cast back to float32."""
@@ -202,13 +213,8 @@ def build_transformer(spec: E2EModel, device: str, dtype: torch.dtype, seed: int
 
     cls = getattr(diffusers, spec.transformer_class)
     torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(**dict(spec.config))
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(dtype), torch.device(device):
+        model = cls(**dict(spec.config))
     keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
     if keep and dtype != torch.float32:
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

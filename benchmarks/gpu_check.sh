@@ -33,8 +33,9 @@ python3 -c "import torch, triton, diffusers, dit_sparse; print('torch', torch.__
 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'diffusers', diffusers.__version__, \
 'gpu', torch.cuda.get_device_name())" || exit 1
 
-# The benchmarks run from outside the checkout: its top-level kernels/ folder would shadow Hugging Face's `kernels`
-# package, which transformers 5 imports (diffusers -> peft -> transformers.integrations.hub_kernels).
+# The benchmarks run from outside the checkout: from its root, the top-level kernels/ folder is found as `kernels`,
+# and where Hugging Face's `kernels` package is not installed (this image) transformers' hub_kernels import, reached
+# from diffusers -> peft, fails (benchmarks/README.md).
 REPO=$PWD
 
 run() {  # run LIMIT_S CMD...: one stage under its own time limit

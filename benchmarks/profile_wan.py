@@ -419,18 +419,6 @@ def stage_breakdown(clock: StageClock) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- build
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def transformer_spec(tiny: bool) -> Any:
     """The ``E2EModel`` whose config is built: the published Wan2.1-T2V-1.3B one, or the e2e benchmark's tiny Wan."""
     from dit_sparse.benchmarks.e2e_args import MODELS, TINY
@@ -467,7 +455,7 @@ def build_pipeline_folder(st: Settings, model_dir: Path) -> dict[str, Any]:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-    from dit_sparse.benchmarks.e2e import build_transformer
+    from dit_sparse.benchmarks.e2e import build_transformer, default_dtype
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[st.dtype_name]
     spec = transformer_spec(st.tiny)
@@ -477,7 +465,7 @@ def build_pipeline_folder(st: Settings, model_dir: Path) -> dict[str, Any]:
     te = TEXT_ENCODER["tiny" if st.tiny else "full"]
     te_config = UMT5Config(vocab_size=len(tokenizer), d_model=int(spec.config["text_dim"]), **te)
     torch.manual_seed(st.seed + 1)
-    with _default_dtype(dtype), torch.device(st.device):
+    with default_dtype(dtype), torch.device(st.device):
         text_encoder = UMT5EncoderModel(te_config).eval().requires_grad_(False)
         vae = (AutoencoderKLWan(**TINY_VAE) if st.tiny else AutoencoderKLWan()).eval().requires_grad_(False)
     scheduler = UniPCMultistepScheduler(
