@@ -147,7 +147,7 @@ def test_a_run_continued_from_checkpoints_writes_the_same_weights(quick_model, t
         "transformer-B.safetensors",
         "decoder.json",
     } <= saved
-    for name in ("transformer-B", "decoder"):  # as if the run had stopped during stage B
+    for name in ("transformer-B", "transformer-C", "decoder"):  # as if the run had stopped during stage B
         (ck / f"{name}.json").unlink()
         (ck / f"{name}.safetensors").unlink()
     saved_a = json.loads((ck / "transformer-A.json").read_text())
@@ -163,6 +163,86 @@ def test_a_run_continued_from_checkpoints_writes_the_same_weights(quick_model, t
     with pytest.raises(SystemExit, match=r"'vae'.*another recipe.*seed"):
         main(["--out", str(tmp_path / "x"), "--quick", "--seed", "4", "--checkpoints", str(ck)])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_finished_later_stage_makes_the_earlier_stage_weights_unneeded(quick_model, tmp_path):
+    """Stage A's weights are replaced by stage B's: with B finished, A is neither trained nor loaded (its report is
+    kept), and the result is the same as an uninterrupted run."""
+    ck = tmp_path / "ck"
+    assert main(["--out", str(tmp_path / "first"), "--quick", "--seed", "3", "--checkpoints", str(ck)]) == 0
+    (ck / "transformer-A.safetensors").unlink()
+    for name in ("transformer-C", "decoder"):
+        (ck / f"{name}.json").unlink()
+        (ck / f"{name}.safetensors").unlink()
+    resumed = tmp_path / "resumed"
+    assert main(["--out", str(resumed), "--quick", "--seed", "3", "--checkpoints", str(ck)]) == 0
+    _assert_same_weights(quick_model, resumed)
+    (ck / "transformer-A.json").unlink()  # its report is needed for the model card
+    with pytest.raises(SystemExit, match="transformer-A"):
+        main(["--out", str(tmp_path / "x"), "--quick", "--seed", "3", "--checkpoints", str(ck)])
+
+
+def test_locality_probe_computes_the_stock_attention_and_the_share_outside_each_window():
+    """Oracle: the stock CogVideoX processor's output, and the outside share from a dense fp64 softmax."""
+    import math
+
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    from dit_sparse.pipelines.tiny_train import LocalityProbe
+
+    torch.manual_seed(0)
+    cfg = {
+        **tiny.TRANSFORMER_CONFIG,
+        "num_layers": 1,
+        "sample_height": 5,
+        "sample_width": 7,
+        "sample_frames": 9,
+    }
+    model = CogVideoXTransformer3DModel(**cfg).eval()
+    attn = model.transformer_blocks[0].attn1
+    grid, windows = (3, 5, 7), [(1, 2, 1), (0, 1, 3)]
+    text = torch.randn(2, tiny.TEXT_LENGTH, attn.to_q.in_features)
+    video = torch.randn(2, 3 * 5 * 7, attn.to_q.in_features)
+    probe = LocalityProbe(grid, windows, queries=9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = CogVideoXAttnProcessor2_0()(attn, video, text)
+        got = probe(attn, video, text)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert probe.outside == []  # no term without gradients
+
+    rows = torch.randint(3 * 5 * 7, (9,), generator=torch.Generator().manual_seed(1))  # the probe's draw
+    probe.generator.manual_seed(1)
+    probe(attn, video, text)
+    share = probe.take()
+    x = torch.cat([text, video], 1).double()
+    n_text = text.shape[1]
+    expected = []
+    for h in range(attn.heads):
+
+        def proj(lin, norm, h=h):
+            w = lin.weight.double().view(attn.heads, -1, lin.in_features)[h]
+            b = lin.bias.double().view(attn.heads, -1)[h]
+            y = x @ w.T + b
+            return torch.nn.functional.layer_norm(
+                y, (y.shape[-1],), norm.weight.double(), norm.bias.double(), norm.eps
+            )
+
+        q, k = proj(attn.to_q, attn.norm_q), proj(attn.to_k, attn.norm_k)
+        p = (q[:, n_text + rows] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # (2, 9, n)
+        for i, r in enumerate(rows.tolist()):
+            fq, yq, xq = r // 35, (r // 7) % 5, r % 7
+            for j in range(3 * 5 * 7):
+                fk, yk, xk = j // 35, (j // 7) % 5, j % 7
+                ef, ey, ex = windows[h]
+                if abs(fk - fq) <= ef and abs(yk - yq) <= ey and abs(xk - xq) <= ex:
+                    p[:, i, n_text + j] = 0
+            p[:, i, :n_text] = 0
+        expected.append(p.sum(-1).mean())
+    torch.testing.assert_close(share.double(), torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+    assert 0 < float(share.detach()) < 1
+    assert probe.outside == []
 
 
 def test_a_changed_later_stage_reuses_the_earlier_checkpoints(tmp_path):
