@@ -19,8 +19,9 @@ Every part is a stock diffusers / transformers component, saved as one ``CogVide
    trained with the pipeline's own ``CogVideoXDDIMScheduler`` objective (v-prediction, uniform timesteps, zero
    terminal SNR), 10 % empty prompts for classifier-free guidance. Stages (:class:`Stage`): many cheap steps on
    small, short clips, then a fine-tune at the default canvas, then a short fine-tune there with a locality term
-   (:class:`LocalityProbe`) that gives the heads the local attention real video DiTs have. Because positions are canvas-relative and so is the
-   data, what the model learns on 64-px clips of 9 frames already holds, roughly, at 176 px and 33 frames.
+   (:class:`LocalityProbe`) that gives the heads the local attention real video DiTs have. Because positions are
+   canvas-relative and so is the data, what the model learns on 64-px clips of 9 frames already holds, roughly, at
+   176 px and 33 frames.
 
 Data: :func:`~dit_sparse.pipelines.tiny_data.centred_clip` clips of every prompt "a {colour} {shape} moving
 {direction}": the shape crosses half the frame on a path centred in it, seeded radius. Why this design:
@@ -50,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..patterns import MaskLayout
 from .tiny import (
     DEFAULTS,
     SCHEDULER_CONFIG,
@@ -411,9 +413,7 @@ class LocalityProbe:
         generator: torch.Generator,
     ) -> None:
         self.grid, self.windows, self.queries, self.generator = grid, windows, queries, generator
-        f, r, c = grid
-        cells = torch.arange(f * r * c)
-        self.coords = torch.stack([cells // (r * c), (cells // c) % r, cells % c], dim=1)  # (N_video, 3)
+        self.coords = MaskLayout(grid).token_coords()  # (N_video, 3): (frame, row, col) per video token
         self.outside: list[torch.Tensor] = []
 
     def take(self) -> torch.Tensor:
@@ -651,7 +651,8 @@ class Checkpoints:
         if self.done(name):
             report = self.saved_report(name)
             if load:
-                module.load_state_dict(load_file(self.folder / f"{name}.safetensors"))  # type: ignore[operator]
+                assert self.folder is not None  # done() says so
+                module.load_state_dict(load_file(self.folder / f"{name}.safetensors"))
                 _log(f"stage {name}: loaded from {self.folder}")
             return report
         if not load:

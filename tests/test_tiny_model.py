@@ -218,18 +218,18 @@ def test_locality_probe_computes_the_stock_attention_and_the_share_outside_each_
     share = probe.take()
     x = torch.cat([text, video], 1).double()
     n_text = text.shape[1]
+
+    def proj(lin, norm, h):  # head h's normalised projection in fp64
+        w = lin.weight.double().view(attn.heads, -1, lin.in_features)[h]
+        b = lin.bias.double().view(attn.heads, -1)[h]
+        y = x @ w.T + b
+        return torch.nn.functional.layer_norm(
+            y, (y.shape[-1],), norm.weight.double(), norm.bias.double(), norm.eps
+        )
+
     expected = []
     for h in range(attn.heads):
-
-        def proj(lin, norm, h=h):
-            w = lin.weight.double().view(attn.heads, -1, lin.in_features)[h]
-            b = lin.bias.double().view(attn.heads, -1)[h]
-            y = x @ w.T + b
-            return torch.nn.functional.layer_norm(
-                y, (y.shape[-1],), norm.weight.double(), norm.bias.double(), norm.eps
-            )
-
-        q, k = proj(attn.to_q, attn.norm_q), proj(attn.to_k, attn.norm_k)
+        q, k = proj(attn.to_q, attn.norm_q, h), proj(attn.to_k, attn.norm_k, h)
         p = (q[:, n_text + rows] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # (2, 9, n)
         for i, r in enumerate(rows.tolist()):
             fq, yq, xq = r // 35, (r // 7) % 5, r % 7
