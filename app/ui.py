@@ -102,6 +102,18 @@ def _target(value: Any) -> float | None:
     return v if v > 0 else None
 
 
+def density_summary(table: np.ndarray) -> str:
+    """The heatmap's mean density in words. Dynamic heads (NaN in ``table``) are left out of the mean and counted:
+    their density is known only once a generation ran (the run's mean density field has it)."""
+    dynamic = int(np.isnan(table).sum())
+    if dynamic == table.size:
+        return f"all {dynamic} heads dynamic: their density is measured during generation"
+    text = f"sparse-step density {float(np.nanmean(table)):.3f} (mean over "
+    if not dynamic:
+        return text + "heads)"
+    return text + f"the {table.size - dynamic} static heads; {dynamic} dynamic head(s) are measured during generation)"
+
+
 def preview(
     session: DemoSession,
     choice: str,
@@ -122,7 +134,7 @@ def preview(
     f, h, w = layout.grid
     info = (
         f"latent grid {f}×{h}×{w} = {layout.seq_len} tokens, {layout.num_blocks} blocks of {profile.block_size}; "
-        f"sparse-step density {table.mean():.3f} (mean over heads); first {profile.schedule.dense_steps} step(s) dense"
+        f"{density_summary(table)}; first {profile.schedule.dense_steps} step(s) dense"
     )
     if _target(target) and not has_windows(profile):
         info += "; the density knob resizes window heads and this profile has none"

@@ -243,6 +243,13 @@ def test_ui_results_preview_and_error_messages(session, first, sparse_file):
     heat, mask, info = ui.preview(session, UPLOAD_CHOICE, str(sparse_file), 48, 64, 17, 0.0, 0, 1)
     assert heat.ndim == mask.ndim == 3 and "5×6×8" in info
     assert "has none" in ui.preview(session, DENSE_CHOICE, None, 48, 64, 17, 0.5, 0, 0)[2]
+    nan = float("nan")
+    table = np.array([[0.25, nan], [1.0, 0.5]])
+    assert ui.density_summary(table) == (
+        "sparse-step density 0.583 (mean over the 3 static heads; 1 dynamic head(s) are measured during generation)"
+    )
+    assert ui.density_summary(np.array([[0.5, 1.0]])) == "sparse-step density 0.750 (mean over heads)"
+    assert "all 2 heads dynamic" in ui.density_summary(np.array([[nan, nan]]))
 
     def boom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB")
