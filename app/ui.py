@@ -111,7 +111,10 @@ def density_summary(table: np.ndarray) -> str:
     text = f"sparse-step density {float(np.nanmean(table)):.3f} (mean over "
     if not dynamic:
         return text + "heads)"
-    return text + f"the {table.size - dynamic} static heads; {dynamic} dynamic head(s) are measured during generation)"
+    return (
+        text
+        + f"the {table.size - dynamic} static heads; {dynamic} dynamic head(s) are measured during generation)"
+    )
 
 
 def preview(
