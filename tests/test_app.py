@@ -52,7 +52,7 @@ def session(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sparse_file(tmp_path_factory):
-    # a profile with sparse heads in every layer (the shipped one keeps layers 2 and 3 dense)
+    # a profile with sparse heads in every layer (the shipped one keeps layers 0 and 1 dense)
     return write_sparse_profile(tmp_path_factory.mktemp("profiles") / "tiny-sparse.json")
 
 
