@@ -19,15 +19,14 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dit_sparse.patterns import MaskLayout
+from dit_sparse.profile import atomic_write_text
 
 
 def attention_shares(
@@ -150,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1)
-        os.link(tmp, args.out)  # fails rather than replace a file that appeared meanwhile
-        os.unlink(tmp)
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 
