@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 
 WORKER_TIMEOUT_S = 300  # the workers take seconds; a hang (e.g. a gloo rendezvous) fails the test instead
+WORKER_THREADS = 1  # torch threads per worker (two workers share the 2-core machine)
+
+
+@contextlib.contextmanager
+def worker_threads() -> Iterator[None]:
+    """Run the block on as many torch threads as each worker: with another count the float sums of the matmuls go
+    in another order, so a one-process reference can differ from the workers' results in the last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(WORKER_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _free_port() -> int:
@@ -20,12 +35,11 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, fn: Callable[..., None], world: int, port: int, args: tuple[Any, ...]) -> None:
-    import torch
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+    torch.set_num_threads(WORKER_THREADS)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
