@@ -42,6 +42,8 @@ from .profile import Profile
 
 ROOT_HOOK_NAME = "dit_sparse_root_hook"
 DIFFUSERS_RANGE = ((0, 42), (0, 43))  # private hook / context-parallel API used here: pin and check
+# layer plans kept per binding: at least this many, and two per self-attention layer (every layer of a deep model
+# with its own head patterns, on two token layouts) so that a run never rebuilds a plan it made a layer earlier
 _MASK_CACHE_SIZE = 32
 # skip(mode="reuse") keeps each reused head's last computed output; bounded (LRU eviction beyond this)
 REUSE_CACHE_MAX_BYTES = 1 << 30
@@ -71,7 +73,10 @@ class RunReport:
     """What happened during one pipeline run (one trajectory)."""
 
     transformer: str
-    density: dict[tuple[int, int], float] = field(default_factory=dict)  # (layer, step) -> computed fraction
+    # (layer, step) -> computed fraction; read through ``density``. Dynamic masks record a 0-d tensor on the
+    # device (``_pending``) so the generation path never waits for the GPU; the first read converts them all.
+    _density: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
+    _pending: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     dense: dict[tuple[int, int], str] = field(default_factory=dict)  # (layer, step) -> why it ran dense
     fallbacks: list[str] = field(
         default_factory=list
@@ -85,6 +90,25 @@ class RunReport:
     cache_bytes: dict[str, int] = field(default_factory=dict)  # peak bytes held per cache ("reuse", "masks")
     # lse_topk(retention=True): (layer, step) -> "refreshed", "corrected" or why the correction was not applied
     retention: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    @property
+    def density(self) -> dict[tuple[int, int], float]:
+        """(layer, step) -> fraction of the attention computed, for every call that ran sparse."""
+        if self._pending:
+            keys = list(self._pending)
+            values = torch.stack([v.reshape(()).double().cpu() for v in self._pending.values()]).tolist()
+            self._density.update(zip(keys, values, strict=True))
+            self._pending.clear()
+        return self._density
+
+    def record_density(self, key: tuple[int, int], value: float | torch.Tensor) -> None:
+        """Record one call's density: a float, or a 0-d tensor read later (no host sync now)."""
+        if isinstance(value, torch.Tensor):
+            self._density.pop(key, None)
+            self._pending[key] = value.detach()
+        else:
+            self._pending.pop(key, None)
+            self._density[key] = float(value)
 
     def mean_density(self) -> float:
         """Mean fraction of attention computed over all (layer, step) calls; dense calls count as 1."""
@@ -156,6 +180,12 @@ class _StaticPlan:
         tuple[str, dict[str, Any], tuple[int, ...]], ...
     ]  # (pattern, params, heads) per dynamic group
     reuse: tuple[int, ...]  # heads with skip(mode="reuse")
+    # ``mask`` as the Triton kernel's index, built once (kernels.prepare_block_mask); None off the Triton path
+    index: Any = None
+
+    def block_arg(self, mask: torch.Tensor) -> Any:
+        """What to hand the kernel for ``mask``: the prepared index when ``mask`` is this plan's own mask."""
+        return self.index if self.index is not None and mask is self.mask else mask
 
 
 @dataclass(frozen=True)
@@ -163,7 +193,7 @@ class _StepMask:
     """A layer's mask with its dynamic heads filled in at step ``step`` (reused until the next refresh)."""
 
     mask: torch.Tensor  # bool (B, H, nB, nB)
-    density: float
+    density: torch.Tensor  # 0-d, on the mask's device (read by the report, not on the generation path)
     step: int
 
 
@@ -192,6 +222,7 @@ class TransformerBinding:
         ]
         self.state = _ForwardState()
         self.masks: OrderedDict[Any, _StaticPlan] = OrderedDict()
+        self.plan_cache_size = max(_MASK_CACHE_SIZE, 2 * len(self.modules))
         self.step_masks: OrderedDict[Any, _StepMask] = OrderedDict()  # dynamic masks, per run
         self.reuse_cache: OrderedDict[Any, torch.Tensor] = OrderedDict()  # skip(reuse) outputs, per run
         self.reuse_cache_max_bytes = REUSE_CACHE_MAX_BYTES
@@ -200,6 +231,8 @@ class TransformerBinding:
         self.retention_cache: OrderedDict[Any, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.retention_cache_max_bytes = RETENTION_CACHE_MAX_BYTES
         self.runs: list[RunReport] = []
+        # head subsets -> index tensor, per device
+        self._head_indices: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
         self._warned: set[str] = set()
         self.hook: Any = None
         self._ctx_manager: Any = None
@@ -353,8 +386,8 @@ class TransformerBinding:
         else:
             plan = self._static_plan(layer, mlayout, qh.device)
             mask, density = self._step_mask(layer, plan, mlayout, qh, kh)
-            run.density[key] = density
-            out = self._kernel(qh, kh, vh, mask, scale, plan.perm)  # (B, H, N, D)
+            run.record_density(key, density)
+            out = self._kernel(qh, kh, vh, plan.block_arg(mask), scale, plan.perm)  # (B, H, N, D)
             if plan.reuse:
                 out = self._reuse_heads(layer, plan.reuse, out, qh, kh, vh, scale)
             out = self._retention(layer, plan, mlayout, qh, kh, vh, mask, scale, out)
@@ -563,13 +596,13 @@ class TransformerBinding:
                 )
                 self.runs[-1].reuse[(layer, self.state.step)] = "computed dense: padded text"
             densities.append(density)
-            out[b : b + 1, :, keep] = self._kernel(qb, kb, vb, mask, scale, plan.perm)
+            out[b : b + 1, :, keep] = self._kernel(qb, kb, vb, plan.block_arg(mask), scale, plan.perm)
             drop = ~keep
             if bool(drop.any()):
                 out[b : b + 1, :, drop] = torch.nn.functional.scaled_dot_product_attention(
                     q[b : b + 1, :, drop], kb, vb, scale=scale
                 )
-        self.runs[-1].density[(layer, self.state.step)] = sum(densities) / len(densities)
+        self.runs[-1].record_density((layer, self.state.step), sum(densities) / len(densities))
         return out
 
     def _static_plan(self, layer: int, mlayout: MaskLayout, device: torch.device) -> _StaticPlan:
@@ -594,11 +627,33 @@ class TransformerBinding:
             density=float(token_density(mask, mlayout.block_size, mlayout.seq_len, mlayout.seq_len)),
             dynamic=tuple((n, p, tuple(hs)) for n, p, hs in groups.values()),
             reuse=self._reuse_heads_of(layer),
+            index=self._prepare_index(mask, mlayout, device),
         )
         self.masks[key] = plan
-        while len(self.masks) > _MASK_CACHE_SIZE:
+        while len(self.masks) > self.plan_cache_size:
             self.masks.popitem(last=False)
+        if self.runs:
+            held = [p.index for p in self.masks.values() if p.index is not None]
+            self.runs[-1].note_cache("index", sum(i.nbytes() for i in held))
         return plan
+
+    def _prepare_index(self, mask: torch.Tensor, mlayout: MaskLayout, device: torch.device) -> Any:
+        """The layer mask as the Triton kernel's index, made once per plan instead of on every call (the
+        kernel would otherwise rebuild it each time); None where another implementation runs."""
+        triton_runs = self.impl == "triton" or (self.impl == "auto" and device.type == "cuda")
+        if not triton_runs:
+            return None
+        from .kernels import prepare_block_mask
+
+        return prepare_block_mask(mask, mlayout.block_size, mlayout.seq_len)
+
+    def _head_index(self, heads: Sequence[int], device: torch.device) -> torch.Tensor:
+        """int64 index of ``heads`` on ``device``, made once (a host-to-device copy waits for the GPU)."""
+        key = (tuple(heads), str(device))
+        idx = self._head_indices.get(key)
+        if idx is None:
+            idx = self._head_indices[key] = torch.tensor(key[0], dtype=torch.int64, device=device)
+        return idx
 
     def _refresh_interval(self, plan: _StaticPlan) -> int:
         default = self.profile.schedule.refresh_interval
@@ -634,7 +689,7 @@ class TransformerBinding:
         k: torch.Tensor,
         sample: int | None = None,
         heads: Sequence[int] | None = None,
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """The layer's mask for this call: the static plan's, with dynamic heads filled in from ``q, k
         (B, H, N, D)`` at refresh steps and reused in between (per CFG context, layout and batch).
 
@@ -656,16 +711,20 @@ class TransformerBinding:
             local = [where[g] for g in group if g in where]  # the group's heads that q/k hold
             if not local:
                 continue
-            idx = torch.tensor(local, device=q.device)
             perm = None if plan.perm is None else plan.perm[0, group[0]]  # (N,) shared by the group
             builder = PATTERNS[name].dynamic
             assert builder is not None
-            mask[:, local] = builder(mlayout, q.index_select(1, idx), k.index_select(1, idx), perm, **params)
+            if local == list(range(q.shape[1])):  # every head: no copy of q/k
+                mask[:] = builder(mlayout, q, k, perm, **params)
+            else:
+                idx = self._head_index(local, q.device)
+                qs, ks = q.index_select(1, idx), k.index_select(1, idx)
+                mask[:, local] = builder(mlayout, qs, ks, perm, **params)
         mask = force_text_dense(mask, mlayout)
-        # one host sync per refresh (the report's density), none on the steps that reuse the mask
-        density = float(token_density(mask, mlayout.block_size, mlayout.seq_len, mlayout.seq_len))
+        # a 0-d tensor: the report reads it when asked (no host sync on the generation path)
+        density = token_density(mask, mlayout.block_size, mlayout.seq_len, mlayout.seq_len)
         self.step_masks[key] = _StepMask(mask, density, self.state.step)
-        while len(self.step_masks) > 4 * _MASK_CACHE_SIZE:
+        while len(self.step_masks) > 4 * self.plan_cache_size:
             self.step_masks.popitem(last=False)
         if self.runs:
             self.runs[-1].note_cache("masks", sum(m.mask.numel() for m in self.step_masks.values()))

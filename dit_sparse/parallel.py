@@ -301,7 +301,7 @@ def context_parallel_core(
     )  # (B, S_loc, H, D)
     if order is not None:
         out = out.index_select(2, torch.argsort(idx))  # back to global head order
-    binding.runs[-1].density[key] = op.density
+    binding.runs[-1].record_density(key, op.density)
     return out if bshd else out.transpose(1, 2)
 
 
@@ -322,7 +322,7 @@ class UlyssesSparseOp:
         self.binding, self.layer, self.mlayout = binding, layer, mlayout
         self.segments, self.world, self.rank = list(segments), world, rank
         self.head_order = None if head_order is None else list(head_order)  # global head at each position
-        self.density = 1.0
+        self.density: float | torch.Tensor = 1.0
 
     def __call__(
         self,

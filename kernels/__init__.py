@@ -29,12 +29,14 @@ if __name__ == "kernels":
     finally:
         sys.path[:] = _path
 else:
-    from .api import IMPLS, sparse_attention, triton_interpreting
+    from .api import IMPLS, prepare_block_mask, sparse_attention, triton_interpreting
     from .indices import (
         SUPPORTED_BLOCK_SIZES,
         BlockSparseIndex,
         block_mask_to_indices,
         build_block_index,
+        compact_index,
+        index_granularity,
         indices_to_block_mask,
         token_density,
     )
@@ -46,8 +48,11 @@ __all__ = [
     "BlockSparseIndex",
     "block_mask_to_indices",
     "build_block_index",
+    "compact_index",
     "expand_block_mask",
+    "index_granularity",
     "indices_to_block_mask",
+    "prepare_block_mask",
     "reference_attention",
     "sparse_attention",
     "token_density",

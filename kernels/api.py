@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from .cpu_gather import gather_block_sparse_attention
-from .indices import SUPPORTED_BLOCK_SIZES, cdiv
+from .indices import (
+    SUPPORTED_BLOCK_SIZES,
+    BlockSparseIndex,
+    build_block_index,
+    cdiv,
+    compact_index,
+    index_granularity,
+)
 from .permutation import check_permutation, permute_tokens, unpermute_tokens, validate_perm
 
 IMPLS = ("auto", "triton", "gather", "reference")
@@ -125,13 +132,16 @@ def _validate(
     nk = k.shape[2]
     if _is_flex_block_mask(block_mask):
         mask, block_size = _flex_to_bool(block_mask, block_size, nq, nk)
+    elif isinstance(block_mask, BlockSparseIndex):
+        mask, block_size = _check_prepared(block_mask, block_size, nq, nk, q.device)
     elif isinstance(block_mask, torch.Tensor):
         mask = block_mask
         if mask.dtype != torch.bool:
             raise TypeError(f"block_mask must be a torch.bool tensor, got {mask.dtype}")
     else:
         raise TypeError(
-            f"block_mask must be a bool tensor or a FlexAttention BlockMask, got {type(block_mask).__name__}"
+            "block_mask must be a bool tensor, a FlexAttention BlockMask or a prepare_block_mask() index, got "
+            f"{type(block_mask).__name__}"
         )
     nqb, nkb = cdiv(nq, block_size), cdiv(nk, block_size)
     if mask.dim() != 4:
@@ -146,6 +156,65 @@ def _validate(
             f"Nk={nk} it must have ceil(Nq/bs)×ceil(Nk/bs) = {nqb}×{nkb}"
         )
     return mask.to(q.device), block_size
+
+
+def _check_prepared(
+    index: BlockSparseIndex, block_size: int, nq: int, nk: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """A :func:`prepare_block_mask` index: its fine mask and block size, after checking it fits these q/k."""
+    if block_size not in (index.block_size, 128):  # 128: the default, i.e. not given
+        raise ValueError(
+            f"block_size={block_size} disagrees with the prepared index's block size {index.block_size}: omit "
+            "block_size"
+        )
+    if (index.seq_len_q, index.seq_len_kv) != (nq, nk):
+        raise ValueError(
+            f"the prepared index was built for {index.seq_len_q} query and {index.seq_len_kv} key tokens, but q has "
+            f"{nq} and k {nk}: prepare it again for this sequence length"
+        )
+    if (index.q_granularity, index.kv_granularity) != index_granularity(index.block_size):
+        raise ValueError(
+            f"the index has granularity ({index.q_granularity}, {index.kv_granularity}); the kernel needs "
+            f"{index_granularity(index.block_size)}: build it with prepare_block_mask()"
+        )
+    if index.kv_num_blocks.device != device:
+        raise ValueError(f"the prepared index is on {index.kv_num_blocks.device}, q on {device}")
+    return index.fine_mask, index.block_size
+
+
+def prepare_block_mask(
+    block_mask: torch.Tensor,
+    block_size: int,
+    seq_len_q: int,
+    seq_len_kv: int | None = None,
+    *,
+    compact: bool = True,
+) -> BlockSparseIndex:
+    """Turn a bool block mask into the Triton kernel's index once, to pass to :func:`sparse_attention` in its place
+    on every call that uses the same mask (a layer's mask across steps): the call then skips the index build.
+
+    ``block_mask`` is ``[B|1, H|1, ceil(Nq/bs), ceil(Nk/bs)]`` as :func:`sparse_attention` takes it; an expanded
+    view (stride 0 over batch or heads) is indexed once. ``compact`` cuts the index lists to the longest row (one
+    host sync here, none per call). The CPU paths read the mask kept inside the index.
+    """
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+        raise TypeError("block_mask must be a torch.bool tensor [B|1, H|1, nQ, nK]")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+    nk = seq_len_q if seq_len_kv is None else seq_len_kv
+    want = (cdiv(seq_len_q, block_size), cdiv(nk, block_size))
+    if block_mask.dim() != 4 or tuple(block_mask.shape[2:]) != want:
+        raise ValueError(
+            f"block_mask must be [B|1, H|1, {want[0]}, {want[1]}] for {seq_len_q}×{nk} tokens in blocks of "
+            f"{block_size}, got shape {tuple(block_mask.shape)}"
+        )
+    mask = block_mask
+    for dim in (0, 1):  # an expanded view: index it once, not per batch row or head
+        if mask.shape[dim] > 1 and mask.stride(dim) == 0:
+            mask = mask.narrow(dim, 0, 1)
+    gq, gk = index_granularity(block_size)
+    index = build_block_index(mask, block_size, seq_len_q, nk, q_granularity=gq, kv_granularity=gk)
+    return compact_index(index) if compact else index
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
@@ -178,7 +247,8 @@ def sparse_attention(
         k, v: ``[B, H, Nk, D]``; ``Nk`` may differ from ``Nq``.
         block_mask: bool ``[B|1, H|1, ceil(Nq/block_size), ceil(Nk/block_size)]`` (broadcast over batch and heads):
             query ``i`` may attend key ``j`` iff ``block_mask[b, h, i // block_size, j // block_size]``.
-            A FlexAttention ``BlockMask`` is accepted too (its own ``BLOCK_SIZE`` is used).
+            A FlexAttention ``BlockMask`` is accepted too (its own ``BLOCK_SIZE`` is used), and so is an index
+            from :func:`prepare_block_mask` (the Triton kernel then skips building it).
         block_size: 16, 32, 64 or 128 tokens per mask block; N need not be a multiple of it.
         scale: softmax scale, default ``1/sqrt(D)``.
         impl: ``"auto"`` (Triton on CUDA, block-gather on CPU), ``"triton"`` (also on CPU under
@@ -193,6 +263,14 @@ def sparse_attention(
         ``[B, H, Nq, D]`` in q's dtype; a query row with no allowed key is all zeros (never NaN).
     """
     mask, block_size = _validate(q, k, v, block_mask, block_size, impl)
+    lists: list[torch.Tensor | None] = [None] * 4
+    if isinstance(block_mask, BlockSparseIndex):
+        lists = [
+            block_mask.kv_num_blocks,
+            block_mask.kv_indices,
+            block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices,
+        ]
     if perm is not None:
         if q.shape[2] != k.shape[2]:
             raise ValueError(
@@ -207,7 +285,9 @@ def sparse_attention(
     if k.shape[2] == 0:
         return q.new_zeros(q.shape)
     resolved = _resolve_impl(impl, q.device)
-    return torch.ops.dit_sparse.block_sparse_attention(q, k, v, mask, block_size, scale, resolved, perm)
+    return torch.ops.dit_sparse.block_sparse_attention(
+        q, k, v, mask, block_size, scale, resolved, perm, *lists
+    )
 
 
 @torch.library.custom_op("dit_sparse::block_sparse_attention", mutates_args=())
@@ -220,11 +300,19 @@ def _block_sparse_attention_op(
     scale: float,
     impl: str,
     perm: torch.Tensor | None = None,
+    kv_num_blocks: torch.Tensor | None = None,
+    kv_indices: torch.Tensor | None = None,
+    full_kv_num_blocks: torch.Tensor | None = None,
+    full_kv_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if impl == "triton":
         from .triton_attention import triton_sparse_attention
 
-        return triton_sparse_attention(q, k, v, block_mask, block_size, scale, perm)
+        prepared = None
+        if kv_num_blocks is not None and kv_indices is not None:
+            assert full_kv_num_blocks is not None and full_kv_indices is not None
+            prepared = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+        return triton_sparse_attention(q, k, v, block_mask, block_size, scale, perm, prepared)
     if impl == "gather":
         if perm is None:
             return gather_block_sparse_attention(q, k, v, block_mask, block_size, scale)
@@ -240,5 +328,18 @@ def _block_sparse_attention_op(
 
 
 @_block_sparse_attention_op.register_fake
-def _(q, k, v, block_mask, block_size, scale, impl, perm=None):  # type: ignore[no-untyped-def]
+def _(  # type: ignore[no-untyped-def]
+    q,
+    k,
+    v,
+    block_mask,
+    block_size,
+    scale,
+    impl,
+    perm=None,
+    kv_num_blocks=None,
+    kv_indices=None,
+    full_kv_num_blocks=None,
+    full_kv_indices=None,
+):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -19,15 +19,27 @@ and skipped otherwise. Only partial blocks pay for element masking.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
 
+# Largest q tile of the Triton kernel's configs: its q granularity must be a multiple of it.
+_BLOCK_M_MAX = 128
+# kv granularity floor: 64-token key blocks keep fine masks cheap while allowing BLOCK_N 64 (and 128 at bs 128).
+_KV_GRANULARITY_MIN = 64
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def index_granularity(block_size: int) -> tuple[int, int]:
+    """``(G_q, G_k)``: tokens per index row / column the Triton kernel uses for a mask of ``block_size`` (legal for
+    every one of its tile configs)."""
+    return max(block_size, _BLOCK_M_MAX), max(block_size, _KV_GRANULARITY_MIN)
 
 
 def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +106,11 @@ class BlockSparseIndex:
         """Number of (q-row, kv-column) coarse blocks the kernel computes, per (b, h): ``[B|1, H|1]``."""
         return (self.kv_num_blocks.sum(-1) + self.full_kv_num_blocks.sum(-1)).to(torch.int64)
 
+    def nbytes(self) -> int:
+        """Bytes of the index lists (the fine mask belongs to the caller)."""
+        lists = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
+        return sum(t.numel() * t.element_size() for t in lists)
+
     def density(self) -> float:
         """Fraction of token pairs allowed by the fine mask, counting only in-range tokens (host sync)."""
         return float(token_density(self.fine_mask, self.block_size, self.seq_len_q, self.seq_len_kv))
@@ -149,4 +166,18 @@ def build_block_index(
         kv_granularity=gk,
         seq_len_q=seq_len_q,
         seq_len_kv=seq_len_kv,
+    )
+
+
+def compact_index(index: BlockSparseIndex) -> BlockSparseIndex:
+    """The same index with ``kv_indices`` / ``full_kv_indices`` cut to the longest row's count (at least one
+    column): the kernel reads only the first ``kv_num_blocks`` ids of a row, so nothing it reads changes. For an
+    index kept across calls (a layer plan), where the full ``nK`` columns would cost memory; reads the counts'
+    maximum, so it synchronises the host once."""
+    counts = torch.stack([index.kv_num_blocks.max(), index.full_kv_num_blocks.max()]).tolist()
+    width_p, width_f = (max(1, int(c)) for c in counts)
+    return replace(
+        index,
+        kv_indices=index.kv_indices[..., :width_p].contiguous(),
+        full_kv_indices=index.full_kv_indices[..., :width_f].contiguous(),
     )

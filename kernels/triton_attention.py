@@ -43,21 +43,13 @@ import triton
 import triton.language as tl
 
 from .api import triton_interpreting
-from .indices import build_block_index
+from .indices import _BLOCK_M_MAX, BlockSparseIndex, build_block_index, index_granularity
 
-# Largest q tile in the config list: the q granularity must be a multiple of it.
-_BLOCK_M_MAX = 128
-# kv granularity floor: 64-token key blocks keep fine masks cheap while allowing BLOCK_N 64 (and 128 at bs 128).
-_KV_GRANULARITY_MIN = 64
+# _BLOCK_M_MAX (indices): the largest q tile in the config list; the q granularity is a multiple of it.
 _MAX_HEAD_DIM = 256
 # Fixed config under TRITON_INTERPRET=1: small enough to be quick, smaller than both granularities on purpose so
 # the interpreter tests exercise the q-row mapping and the kv sub-tile loop the GPU configs use.
 _INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32}
-
-
-def index_granularity(block_size: int) -> tuple[int, int]:
-    """``(G_q, G_k)``: tokens per index row / column for a mask of ``block_size`` (legal for every config)."""
-    return max(block_size, _BLOCK_M_MAX), max(block_size, _KV_GRANULARITY_MIN)
 
 
 def _configs() -> list[triton.Config]:
@@ -372,12 +364,16 @@ def triton_sparse_attention(
     block_size: int,
     scale: float,
     perm: torch.Tensor | None = None,
+    index_lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention with the Triton kernel; inputs already validated by ``sparse_attention``.
 
     ``q [B,H,Nq,D]``, ``k/v [B,H,Nk,D]`` (any strides), bool ``block_mask [B|1, H|1, ceil(Nq/bs), ceil(Nk/bs)]``
     on q's device, optional ``perm [B|1, H|1, N]`` (mask in permuted order; Q/K/V rows gathered and O rows
-    scattered inside the kernel). Returns ``[B,H,Nq,D]`` in q's dtype (contiguous).
+    scattered inside the kernel). ``index_lists``: ``(kv_num_blocks, kv_indices, full_kv_num_blocks,
+    full_kv_indices)`` of ``block_mask`` at :func:`index_granularity`, built beforehand
+    (:func:`dit_sparse.kernels.prepare_block_mask`); otherwise built here. Returns ``[B,H,Nq,D]`` in q's dtype
+    (contiguous).
     """
     bsz, heads, nq, dim = q.shape
     nk = k.shape[2]
@@ -389,7 +385,10 @@ def triton_sparse_attention(
 
     mask = _squeeze_broadcast(block_mask)
     gq, gk = index_granularity(block_size)
-    index = build_block_index(mask, block_size, nq, nk, q_granularity=gq, kv_granularity=gk)
+    if index_lists is None:
+        index = build_block_index(mask, block_size, nq, nk, q_granularity=gq, kv_granularity=gk)
+    else:
+        index = BlockSparseIndex(*index_lists, mask, block_size, gq, gk, nq, nk)
     fine = index.fine_mask.view(torch.uint8)  # same bytes; a plain integer pointer for the kernel
 
     interpreting = triton_interpreting()

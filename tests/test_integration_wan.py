@@ -181,3 +181,59 @@ def test_transformer_alone_with_manual_loop():
         handle.bindings[0].reset()  # what the pipeline's reset does
         t(x, torch.tensor([900.0]), ctx)
         assert handle.report().steps == 1
+
+
+def test_each_layer_plan_is_built_once_in_a_deep_model(monkeypatch):
+    """40 layers, each with its own head patterns (more plans than the old fixed cache of 32 held): one plan per
+    layer, built at its first call and reused at every later step and CFG pass."""
+    import dit_sparse.integration as integ
+    from dit_sparse.profile import HeadSpec
+
+    deep = tiny_wan_pipeline(num_layers=40)
+    prof = Profile.dense(deep.transformer)
+    prof.block_size = 16
+    prof.layers = [
+        [HeadSpec("window", {"f": layer % 3, "h": 1 + layer // 3 % 2, "w": layer // 6}), HeadSpec("full", {})]
+        for layer in range(40)
+    ]
+    prof.validate()
+    built: list[int] = []
+    real = integ.build_layer_mask
+    monkeypatch.setattr(integ, "build_layer_mask", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    with dit_sparse.apply(deep, prof) as handle:
+        run(deep, steps=3, **RES[0])
+        assert len(handle.report().density) == 40 * 3
+    assert len(built) == len(
+        {tuple((s.pattern, tuple(sorted(s.params.items()))) for s in h) for h in prof.layers}
+    )
+
+
+def test_triton_path_hands_the_kernel_each_plan_prepared_once(pipe, monkeypatch):
+    """On the Triton path a static layer mask is turned into the kernel's index once per plan (not on every call),
+    and the result is bit for bit the one the kernel gives when it builds the index itself."""
+    from dit_sparse.kernels import triton_interpreting
+
+    if not torch.cuda.is_available() and not triton_interpreting():
+        pytest.skip("impl='triton' on CPU needs TRITON_INTERPRET=1")
+    import dit_sparse.kernels.api as kapi
+    import dit_sparse.kernels.triton_attention as ta
+
+    prof = Profile.uniform(pipe.transformer, "window", {"f": 1, "h": 1, "w": 1}, block_size=16)
+    builds: list[int] = []
+    real_build = ta.build_block_index
+    monkeypatch.setattr(ta, "build_block_index", lambda *a, **kw: builds.append(1) or real_build(*a, **kw))
+    prepares: list[int] = []
+    real_prepare = kapi.build_block_index
+    monkeypatch.setattr(
+        kapi, "build_block_index", lambda *a, **kw: prepares.append(1) or real_prepare(*a, **kw)
+    )
+    with dit_sparse.apply(pipe, prof, impl="triton") as handle:
+        fast = run(pipe, steps=2, **RES[1])
+        cache = handle.report().cache_bytes
+    assert builds == [] and len(prepares) == 1  # both layers share one plan (same patterns, same layout)
+    assert cache["index"] > 0
+    monkeypatch.setattr(dit_sparse.integration.TransformerBinding, "_prepare_index", lambda *a: None)
+    with dit_sparse.apply(pipe, prof, impl="triton"):
+        slow = run(pipe, steps=2, **RES[1])
+    assert len(builds) == 2 * 2 * 2  # 2 steps × 2 layers × cond and uncond: the index built on every call
+    assert torch.equal(fast, slow)

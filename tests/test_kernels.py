@@ -268,7 +268,9 @@ def test_rejects_non_bool_mask() -> None:
     q, k, v, m = _ok_inputs()
     with pytest.raises(TypeError, match=r"block_mask must be a torch.bool tensor"):
         dit_sparse.sparse_attention(q, k, v, m.float(), 16)
-    with pytest.raises(TypeError, match=r"bool tensor or a FlexAttention BlockMask"):
+    with pytest.raises(
+        TypeError, match=r"bool tensor, a FlexAttention BlockMask or a prepare_block_mask\(\) index"
+    ):
         dit_sparse.sparse_attention(q, k, v, m.tolist(), 16)
 
 
@@ -338,6 +340,87 @@ def test_flex_block_mask_with_element_mask_rejected() -> None:
         dit_sparse.sparse_attention(q, k, v, block_mask, impl="gather")
 
 
+# ------------------------------------------------------------------------------------------------ prepared index
+PREPARED_CASES = [
+    c
+    for c in CASES
+    if c.name
+    in (
+        "density0",
+        "ragged_bs128",
+        "ragged_bs16",
+        "nq_lt_nk",
+        "bcast_11",
+        "bcast_1h",
+        "bf16_d128",
+        "fp32_d72_bs64",
+    )
+]
+
+
+@pytest.mark.parametrize("impl", (*IMPLS, "reference"))
+@pytest.mark.parametrize("case", PREPARED_CASES, ids=lambda c: c.name)
+def test_prepared_index_gives_the_same_output(case: Case, impl: str) -> None:
+    """A mask turned into the kernel's index once (compact or not) gives bit for bit what the mask gives."""
+    _needs_triton(impl)
+    dev = _device()
+    if dev == "cuda" and case.dtype == torch.float32:
+        pytest.skip("float32 is CPU-only")
+    q, k, v = _qkv(case.b, case.h, case.nq, case.nk, case.d, case.dtype, seed=21, device=dev)
+    mb, mh = case.mask_bh or (case.b, case.h)
+    mask = _random_mask(
+        (mb, mh, math.ceil(case.nq / case.bs), math.ceil(case.nk / case.bs)), case.density, 22, dev
+    )
+    want = dit_sparse.sparse_attention(q, k, v, mask, case.bs, case.scale, impl=impl)
+    for compact in (True, False):
+        prepared = dit_sparse.kernels.prepare_block_mask(mask, case.bs, case.nq, case.nk, compact=compact)
+        got = dit_sparse.sparse_attention(q, k, v, prepared, case.bs, case.scale, impl=impl)
+        assert torch.equal(got, want), (compact, (got.double() - want.double()).abs().max())
+        got = dit_sparse.sparse_attention(
+            q, k, v, prepared, scale=case.scale, impl=impl
+        )  # block size: the index's
+        assert torch.equal(got, want)
+
+
+def test_prepared_index_is_compact_and_indexes_an_expanded_mask_once() -> None:
+    from dit_sparse.kernels import build_block_index, index_granularity, prepare_block_mask
+
+    mask = _random_mask((1, 3, 12, 12), 0.3, seed=23)  # 1500 tokens in blocks of 128: the last is short
+    mask[0, 1] = False  # a head with no block at all
+    wide = mask.expand(4, -1, -1, -1)  # batch 4 as a stride-0 view
+    prepared = prepare_block_mask(wide, 128, 1500)
+    gq, gk = index_granularity(128)
+    full = build_block_index(mask, 128, 1500, 1500, gq, gk)
+    assert prepared.kv_num_blocks.shape[0] == 1  # indexed once, not per batch row
+    for num, idx, full_idx in (
+        (prepared.kv_num_blocks, prepared.kv_indices, full.kv_indices),
+        (prepared.full_kv_num_blocks, prepared.full_kv_indices, full.full_kv_indices),
+    ):
+        assert idx.shape[-1] == max(1, int(num.max()))  # as wide as the longest row
+        live = torch.arange(idx.shape[-1]) < num[..., None]
+        assert torch.equal(idx[live], full_idx[..., : idx.shape[-1]][live])
+    assert prepared.full_kv_indices.shape[-1] < full.full_kv_indices.shape[-1] == 12
+
+
+def test_prepared_index_rejects_what_it_was_not_built_for() -> None:
+    from dit_sparse.kernels import build_block_index, prepare_block_mask
+
+    q, k, v = _qkv(1, 2, 100, 100, 16, torch.float32, seed=24)
+    mask = _random_mask((1, 2, 4, 4), 0.5, seed=25)
+    prepared = prepare_block_mask(mask, 32, 100)
+    with pytest.raises(ValueError, match=r"built for 100 query and 100 key tokens, but q has 90"):
+        dit_sparse.sparse_attention(q[:, :, :90], k, v, prepared, 32)
+    with pytest.raises(ValueError, match=r"block_size=64 disagrees with the prepared index's block size 32"):
+        dit_sparse.sparse_attention(q, k, v, prepared, 64)
+    other = build_block_index(mask, 32, 100, 100)  # the mask's own granularity, not the kernel's
+    with pytest.raises(ValueError, match=r"build it with prepare_block_mask"):
+        dit_sparse.sparse_attention(q, k, v, other, 32)
+    with pytest.raises(ValueError, match=r"must be \[B\|1, H\|1, 4, 4\] for 100×100 tokens"):
+        prepare_block_mask(mask[..., :3], 32, 100)
+    with pytest.raises(TypeError, match=r"torch.bool"):
+        prepare_block_mask(mask.float(), 32, 100)
+
+
 # ------------------------------------------------------------------------------------------------ torch.compile
 
 
@@ -362,6 +445,12 @@ def test_custom_op_opcheck(impl: str) -> None:
     torch.library.opcheck(
         torch.ops.dit_sparse.block_sparse_attention.default, (q, k, v, mask, 16, 0.25, impl)
     )
+    if impl == "triton":  # with a prepared index passed through the op
+        p = dit_sparse.kernels.prepare_block_mask(mask, 16, 37, 21)
+        lists = (p.kv_num_blocks, p.kv_indices, p.full_kv_num_blocks, p.full_kv_indices)
+        torch.library.opcheck(
+            torch.ops.dit_sparse.block_sparse_attention.default, (q, k, v, mask, 16, 0.25, impl, None, *lists)
+        )
 
 
 @pytest.mark.parametrize("head_dim", [64, 72, 128, 256])

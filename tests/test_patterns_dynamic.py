@@ -121,6 +121,62 @@ def test_draft_runs_and_is_sparse(pipe) -> None:
     assert 0.5 < rep.sparse_density() < 1.0
 
 
+def test_draft_on_every_head_or_some_builds_the_same_head_masks(pipe, monkeypatch) -> None:
+    """Every head dynamic (q/k used in place) or one of two (q/k heads selected): a head's draft mask depends on
+    its own q/k only, so layer 0 at step 0 gets the same head-0 mask; the report's density is the mask's own."""
+    from tiny_wan import run
+
+    import dit_sparse
+    from dit_sparse.integration import TransformerBinding
+    from dit_sparse.kernels import token_density
+
+    seen: dict[str, list] = {}
+    real = TransformerBinding._step_mask
+
+    def spy(self, layer, plan, mlayout, q, k, *args, **kwargs):
+        mask, density = real(self, layer, plan, mlayout, q, k, *args, **kwargs)
+        seen[tag].append((layer, self.state.step, self.state.context_name, mask.clone(), mlayout))
+        return mask, density
+
+    monkeypatch.setattr(TransformerBinding, "_step_mask", spy)
+    draft = ("draft", {"budget": 0.34, "patch": [2, 2]})
+    reports = {}
+    for tag, heads in (("all", [draft, draft]), ("one", [draft, ("full", {})])):
+        seen[tag] = []
+        with dit_sparse.apply(pipe, _profile(pipe, heads)) as handle:
+            run(pipe, steps=1, **RES)
+            reports[tag] = handle.report()
+    first = {
+        tag: [m for layer, step, _, m, _ in calls if (layer, step) == (0, 0)] for tag, calls in seen.items()
+    }
+    assert first["all"] and len(first["all"]) == len(first["one"])
+    for m_all, m_one in zip(first["all"], first["one"], strict=True):
+        assert torch.equal(m_all[:, 0], m_one[:, 0])
+        assert m_one[:, 1].all()  # the full head
+        assert not m_all[:, 1].all()  # the draft head kept a budget's worth
+    for tag, calls in seen.items():  # one call per (layer, step): CFG runs cond and uncond in one batch
+        for layer, step, _, mask, mlayout in calls:
+            want = float(token_density(mask, mlayout.block_size, mlayout.seq_len, mlayout.seq_len))
+            assert reports[tag].density[(layer, step)] == pytest.approx(want, rel=1e-12)
+
+
+def test_run_report_reads_device_densities_when_asked() -> None:
+    from dit_sparse.integration import RunReport
+
+    rep = RunReport("T")
+    rep.record_density((0, 1), torch.tensor(0.25, dtype=torch.float64))
+    rep.record_density((1, 1), 0.5)
+    rep.dense[(2, 1)] = "dense layer"
+    rep.record_density((1, 2), 0.75)
+    rep.record_density((1, 2), torch.tensor([0.125]))  # a later record replaces the earlier one
+    assert rep.density == {(0, 1): 0.25, (1, 1): 0.5, (1, 2): 0.125}
+    assert all(type(v) is float for v in rep.density.values())
+    assert rep.mean_density() == pytest.approx((0.25 + 0.5 + 0.125 + 1.0) / 4)
+    rep.record_density((0, 1), 1.0)  # a float after a tensor: the float wins
+    assert rep.per_layer() == {0: 1.0, 1: pytest.approx(0.3125), 2: 1.0}
+    assert rep.to_dict()["per_layer_step_density"]["0,1"] == 1.0
+
+
 def test_step_cached_masks_refresh_on_schedule_and_reset_between_runs(pipe, monkeypatch) -> None:
     from tiny_wan import run
 

@@ -59,20 +59,21 @@ def resolve_patch(patch: Any, block_size: int) -> tuple[int, int] | None:
     return int(patch[0]), int(patch[1])
 
 
-def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``(B, H, N, D)`` -> float32 ``(B, H, nB, D)``: mean over the tokens of each block (the last may be short)."""
-    bsz, heads, n, dim = x.shape
-    nb = -(-n // block_size)
-    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block_size - n))  # (B, H, nB*bs, D)
-    sums = xf.view(bsz, heads, nb, block_size, dim).sum(dim=3)  # (B, H, nB, D)
-    counts = torch.full((nb,), float(block_size), device=x.device)
-    counts[-1] = n - (nb - 1) * block_size
-    return sums / counts[:, None]
+def pool_blocks(x: torch.Tensor, block_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, H, N, D)`` -> float32 ``(B, H, nB, D)``: mean over the tokens of each block (the last may be short),
+    in the order ``perm [N]`` gives (permuted position ``i`` holds token ``perm[i]``) when given. ``x`` is read in
+    place: no permuted or float32 copy of it (:func:`dit_sparse.kernels.pooling.block_mean`)."""
+    from ..kernels.pooling import block_mean
+
+    return block_mean(x, block_size, perm)
 
 
-def pooled_attention_map(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """float32 ``(B, H, nB, nB)``: softmax over pooled keys of pooled-query · pooled-key / sqrt(D)."""
-    qp, kp = pool_blocks(q, block_size), pool_blocks(k, block_size)
+def pooled_attention_map(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, perm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 ``(B, H, nB, nB)``: softmax over pooled keys of pooled-query · pooled-key / sqrt(D), blocks in
+    ``perm`` order when given."""
+    qp, kp = pool_blocks(q, block_size, perm), pool_blocks(k, block_size, perm)
     scores = qp @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, nB, nB)
     return torch.softmax(scores, dim=-1)
 
@@ -137,10 +138,8 @@ def draft_mask(
     **_: Any,
 ) -> torch.Tensor:
     """bool ``(B, H, nB, nB)`` in permuted order (if ``perm``) from ``q, k (B, H, N, D)`` in original order."""
-    if perm is not None:
-        q = q.index_select(2, perm)  # (B, H, N, D) permuted: one gather for all heads
-        k = k.index_select(2, perm)
-    probs = pooled_attention_map(q, k, layout.block_size)
+    # the pooling reads q/k through perm in place: no permuted copy
+    probs = pooled_attention_map(q, k, layout.block_size, perm)
     return select_blocks(probs, float(budget), None if mass is None else float(mass))
 
 
