@@ -8,11 +8,22 @@
 #   tests     the CUDA-only tests (compiled Triton kernel vs the fp64 reference, no host sync), a subset of shapes
 #   alltests  every CUDA-only test
 #   kernel    dit-sparse bench kernel on the Wan2.1-1.3B 480p shape (cuDNN, FA2, Flex, ours)
+#   patterns  dit-sparse bench patterns on the Wan2.1-1.3B 480p layout (every pattern; mask, perm, in-kernel
+#             gather and draft overheads against cuDNN dense)
 #   e2e13     dit-sparse bench e2e, Wan2.1-1.3B 480p, every pattern at densities 0.25 and 0.1
 #   e2e14     dit-sparse bench e2e, Wan2.1-14B 720p, radial at density 0.1, 1 warm-up + 1 timed step
 #   compile13 dit-sparse bench e2e --compile, Wan2.1-1.3B 480p, radial at density 0.1
 #   profile   benchmarks/profile_wan.py: the profiler on a random-weight Wan2.1-1.3B-shaped pipeline at 480p
 #             (extra options in $PROFILE_ARGS, e.g. "--num-prompts 1 --no-verify")
+#   e2eothers dit-sparse bench e2e, CogVideoX-5B 49f and FLUX.1-dev 1024², radial and window at 0.25 and 0.1
+#   e2ehy     dit-sparse bench e2e, HunyuanVideo 720p 129f, radial at density 0.1, 1 warm-up + 1 timed step
+#   eval      dit-sparse eval of the bundled tiny model with its shipped profile on the GPU (bf16)
+#
+# Device time is short (15 minutes a session, the machine's start included): one call per session, e.g.
+#   call A (#7):  bash benchmarks/gpu_check.sh tests profile
+#   call B (#9):  bash benchmarks/gpu_check.sh kernel patterns compile13 e2eothers
+#   call C (#9):  bash benchmarks/gpu_check.sh e2ehy eval
+# with `.whl` carried (scripts/gpu_wheels.sh fetches diffusers for it) and timeout_s 540.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -57,6 +68,7 @@ for stage in "$@"; do
         "$REPO/tests/test_indices.py::test_build_block_index_has_no_host_sync" ;;
     alltests) run 400 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$REPO" "$REPO/tests/test_kernels.py" "$REPO/tests/test_indices.py" ;;
     kernel) run 150 python3 -m dit_sparse bench kernel --shapes wan2.1-1.3b-480p --densities 1 0.5 0.25 0.1 --out "$OUT" ;;
+    patterns) run 200 python3 -m dit_sparse bench patterns --shapes wan2.1-1.3b-480p --out "$OUT" ;;
     e2e13) run 200 python3 -m dit_sparse bench e2e --models wan2.1-1.3b-480p --densities 0.25 0.1 --out "$OUT" ;;
     e2e14)
       run 300 python3 -m dit_sparse bench e2e --models wan2.1-14b-720p --densities 0.1 --patterns radial \
@@ -65,6 +77,13 @@ for stage in "$@"; do
       run 300 python3 -m dit_sparse bench e2e --models wan2.1-1.3b-480p --densities 0.1 --patterns radial --compile \
         --out "$OUT" ;;
     profile) run 420 python3 "$REPO/benchmarks/profile_wan.py" --out "$OUT" ${PROFILE_ARGS:-} ;;
+    e2eothers)
+      run 240 python3 -m dit_sparse bench e2e --models cogvideox-5b flux-1024 --densities 0.25 0.1 \
+        --patterns radial window --out "$OUT" ;;
+    e2ehy)
+      run 360 python3 -m dit_sparse bench e2e --models hunyuanvideo-720p --densities 0.1 --patterns radial \
+        --reps 1 --warmup 1 --out "$OUT" ;;
+    eval) run 200 python3 -m dit_sparse eval --device cuda --out "$OUT" ;;
     *) echo "unknown stage: $stage" ;;
   esac
 done

@@ -45,6 +45,7 @@ def test_tiny_run_writes_json_and_markdown(tmp_path: Path, capsys: pytest.Captur
         assert "speedup_vs_flex" in r and r["flex_skipped"]  # Flex is not run on the CPU, with a reason
         assert r["index_ms"] > 0 and r["tflops"] > 0
         assert r["max_abs_diff_vs_reference"] < 0.05  # bf16 output of the gather path vs fp64
+        assert r["kernel_ms"] > 0 and "kernel_error" not in r
     # a fixed count of kv blocks per query-block row
     assert rows[1]["kv_blocks_per_row_std"] == 0.0
     assert rows[0]["computed_block_pairs"] == 2 * 5 * 5  # density 1: every block, 2 heads, ceil(520/128)=5
