@@ -5,7 +5,8 @@
 # .whl/ (diffusers, importlib_metadata) are installed into /tmp/site first, then this checkout editable. Each stage
 # has its own time limit, so one that hangs or fails does not cost the others; everything goes to $OUT (default
 # /tmp/gpu-out): the benchmarks' JSON/Markdown files and log.txt. Stages:
-#   tests     the CUDA-only tests (compiled Triton kernel vs the fp64 reference, no host sync), a subset of shapes
+#   tests     a subset of the CUDA-only tests (compiled Triton kernel vs the fp64 reference, no host sync), the
+#             prepared-index and block_mean tests on CUDA
 #   alltests  every CUDA-only test
 #   kernel    dit-sparse bench kernel on the Wan2.1-1.3B 480p shape (cuDNN, FA2, Flex, ours)
 #   patterns  dit-sparse bench patterns on the Wan2.1-1.3B 480p layout (every pattern; mask, perm, in-kernel
@@ -19,11 +20,13 @@
 #   e2ehy     dit-sparse bench e2e, HunyuanVideo 720p 129f, radial at density 0.1, 1 warm-up + 1 timed step
 #   eval      dit-sparse eval of the bundled tiny model with its shipped profile on the GPU (bf16)
 #
-# Device time is short (15 minutes a session, the machine's start included): one call per session, e.g.
-#   call A (#7):  bash benchmarks/gpu_check.sh tests profile
-#   call B (#9):  bash benchmarks/gpu_check.sh kernel patterns compile13 e2eothers
-#   call C (#9):  bash benchmarks/gpu_check.sh e2ehy eval
-# with `.whl` carried (scripts/gpu_wheels.sh fetches diffusers for it) and timeout_s 540.
+# Device time is short (15 minutes a session, the machine's start included) and one call runs 10 minutes at most:
+# stage limits below are upper bounds; a call's stages should add up to well under 600 s. In order of what is owed:
+#   bash benchmarks/gpu_check.sh profile               (#7: estimated 6-9 minutes, the whole call)
+#   bash benchmarks/gpu_check.sh kernel compile13      (#9: kernel with prepared index; Wan 1.3B under compile)
+#   bash benchmarks/gpu_check.sh patterns e2eothers    (#9: overheads per pattern; CogVideoX-5B and FLUX)
+#   bash benchmarks/gpu_check.sh e2ehy eval            (#9: HunyuanVideo; quality of the bundled model on the GPU)
+# with `.whl` carried (scripts/gpu_wheels.sh fetches diffusers for it) and timeout_s 600.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -58,15 +61,19 @@ run() {  # run LIMIT_S CMD...: one stage under its own time limit
 
 for stage in "$@"; do
   case $stage in
-    tests)
-      run 150 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$REPO" \
+    tests)  # the CUDA-only tests, then the device-agnostic ones that run on CUDA when it is there
+      run 200 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
         "$REPO/tests/test_kernels.py::test_triton_cuda_matches_reference[16-64-dtype0]" \
         "$REPO/tests/test_kernels.py::test_triton_cuda_matches_reference[64-96-dtype1]" \
         "$REPO/tests/test_kernels.py::test_triton_cuda_matches_reference[128-128-dtype1]" \
         "$REPO/tests/test_kernels.py::test_triton_cuda_matches_reference[128-64-dtype0]" \
         "$REPO/tests/test_kernels.py::test_triton_cuda_launch_has_no_host_sync" \
-        "$REPO/tests/test_indices.py::test_build_block_index_has_no_host_sync" ;;
-    alltests) run 400 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$REPO" "$REPO/tests/test_kernels.py" "$REPO/tests/test_indices.py" ;;
+        "$REPO/tests/test_indices.py::test_build_block_index_has_no_host_sync" \
+        "$REPO/tests/test_kernels.py::test_prepared_index_gives_the_same_output" \
+        "$REPO/tests/test_pooling.py" ;;
+    alltests)
+      run 400 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$REPO" "$REPO/tests/test_kernels.py" \
+        "$REPO/tests/test_indices.py" "$REPO/tests/test_pooling.py" ;;
     kernel) run 150 python3 -m dit_sparse bench kernel --shapes wan2.1-1.3b-480p --densities 1 0.5 0.25 0.1 --out "$OUT" ;;
     patterns) run 200 python3 -m dit_sparse bench patterns --shapes wan2.1-1.3b-480p --out "$OUT" ;;
     e2e13) run 200 python3 -m dit_sparse bench e2e --models wan2.1-1.3b-480p --densities 0.25 0.1 --out "$OUT" ;;
@@ -76,7 +83,7 @@ for stage in "$@"; do
     compile13)
       run 300 python3 -m dit_sparse bench e2e --models wan2.1-1.3b-480p --densities 0.1 --patterns radial --compile \
         --out "$OUT" ;;
-    profile) run 420 python3 "$REPO/benchmarks/profile_wan.py" --out "$OUT" ${PROFILE_ARGS:-} ;;
+    profile) run 560 python3 "$REPO/benchmarks/profile_wan.py" --out "$OUT" ${PROFILE_ARGS:-} ;;
     e2eothers)
       run 240 python3 -m dit_sparse bench e2e --models cogvideox-5b flux-1024 --densities 0.25 0.1 \
         --patterns radial window --out "$OUT" ;;
