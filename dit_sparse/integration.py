@@ -24,7 +24,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from .patterns import (
     validate_pattern,
 )
 from .profile import Profile
+
+if TYPE_CHECKING:
+    from .kernels import BlockSparseIndex
 
 ROOT_HOOK_NAME = "dit_sparse_root_hook"
 DIFFUSERS_RANGE = ((0, 42), (0, 43))  # private hook / context-parallel API used here: pin and check
@@ -181,9 +184,9 @@ class _StaticPlan:
     ]  # (pattern, params, heads) per dynamic group
     reuse: tuple[int, ...]  # heads with skip(mode="reuse")
     # ``mask`` as the Triton kernel's index, built once (kernels.prepare_block_mask); None off the Triton path
-    index: Any = None
+    index: BlockSparseIndex | None = None
 
-    def block_arg(self, mask: torch.Tensor) -> Any:
+    def block_arg(self, mask: torch.Tensor) -> torch.Tensor | BlockSparseIndex:
         """What to hand the kernel for ``mask``: the prepared index when ``mask`` is this plan's own mask."""
         return self.index if self.index is not None and mask is self.mask else mask
 
@@ -398,7 +401,7 @@ class TransformerBinding:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | BlockSparseIndex,
         scale: float | None,
         perm: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -637,7 +640,9 @@ class TransformerBinding:
             self.runs[-1].note_cache("index", sum(i.nbytes() for i in held))
         return plan
 
-    def _prepare_index(self, mask: torch.Tensor, mlayout: MaskLayout, device: torch.device) -> Any:
+    def _prepare_index(
+        self, mask: torch.Tensor, mlayout: MaskLayout, device: torch.device
+    ) -> BlockSparseIndex | None:
         """The layer mask as the Triton kernel's index, made once per plan instead of on every call (the
         kernel would otherwise rebuild it each time); None where another implementation runs."""
         triton_runs = self.impl == "triton" or (self.impl == "auto" and device.type == "cuda")

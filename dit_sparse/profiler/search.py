@@ -209,8 +209,12 @@ def calibrate_cost_model(
     layout: MaskLayout | None = None,
 ) -> CostModel:
     """Time the real kernel at two densities (every block; a band of ~1/4 of the blocks), the band again with a
-    token permutation, dense SDPA, and (given the call's ``layout``) building draft-guidance masks for all heads."""
-    from ..kernels import sparse_attention
+    token permutation, dense SDPA, and (given the call's ``layout``) building draft-guidance masks for all heads.
+
+    Static masks are timed as the processor runs them, with the index prepared once (``prepare_block_mask``); a
+    dynamic mask's index is built on every call, so that build (the band given as a bool mask) counts in
+    ``draft_s``."""
+    from ..kernels import prepare_block_mask, sparse_attention
     from ..patterns.dynamic import draft_mask, exact_block_mass
 
     bsz, heads, n, dim = shape
@@ -221,17 +225,22 @@ def calibrate_cost_model(
     idx = torch.arange(nb, device=device)
     radius = max(0, math.ceil(nb / 8) - 1)
     band = ((idx[:, None] - idx[None, :]).abs() <= radius)[None, None]  # ~1/4 of the blocks
-    t_full = _median_time(lambda: sparse_attention(q, k, v, full, block_size, impl=impl), reps, device)
-    t_band = _median_time(lambda: sparse_attention(q, k, v, band, block_size, impl=impl), reps, device)
+    full_p, band_p = (prepare_block_mask(m, block_size, n) for m in (full, band))
+    t_full = _median_time(lambda: sparse_attention(q, k, v, full_p, block_size, impl=impl), reps, device)
+    t_band = _median_time(lambda: sparse_attention(q, k, v, band_p, block_size, impl=impl), reps, device)
     perm = torch.randperm(n, generator=g).to(device).view(1, 1, n)
     t_perm = _median_time(
-        lambda: sparse_attention(q, k, v, band, block_size, impl=impl, perm=perm), reps, device
+        lambda: sparse_attention(q, k, v, band_p, block_size, impl=impl, perm=perm), reps, device
     )
     t_dense = _median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps, device)
     t_draft = 0.0
     if layout is not None and layout.seq_len == n and layout.block_size == block_size:
         draft_perm = build_pattern_perm("draft", {"budget": 0.2}, layout, device)
         t_draft = _median_time(lambda: draft_mask(layout, q, k, draft_perm, 0.2, None), reps, device)
+        t_unprepared = _median_time(
+            lambda: sparse_attention(q, k, v, band, block_size, impl=impl), reps, device
+        )
+        t_draft += max(t_unprepared - t_band, 0.0)  # a dynamic mask's index is built on every call
     t_lse = _median_time(lambda: exact_block_mass(q, k, block_size), reps, device)
     b_full, b_band = heads * nb * nb, heads * int(band.sum())
     per_block = max((t_full - t_band) / max(1, b_full - b_band), 1e-12)  # slope per (head, block pair)
