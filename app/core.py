@@ -281,6 +281,18 @@ def head_mask(profile: Profile, layout: MaskLayout, layer: int, head: int) -> to
     return force_text_dense(mask, layout)[0, 0]
 
 
+def first_sparse_head(profile: Profile) -> tuple[int, int]:
+    """The (layer, head) whose mask picture is worth opening on: the first head that runs a static sparse pattern
+    (not dense, not in a dense layer, not dynamic); ``(0, 0)`` when there is none."""
+    for layer, heads in enumerate(profile.layers):
+        if layer in profile.schedule.dense_layers:
+            continue
+        for head, spec in enumerate(heads):
+            if spec.pattern not in ("dense", "full") and not _is_dynamic(spec.pattern):
+                return layer, head
+    return 0, 0
+
+
 # ------------------------------------------------------------------------------------------------ pictures
 _VIRIDIS = np.array(
     [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64

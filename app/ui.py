@@ -25,8 +25,10 @@ from .core import (
     DemoError,
     DemoSession,
     Settings,
+    choose_profile,
     demo_layout,
     density_table,
+    first_sparse_head,
     fmt_psnr,
     has_windows,
     head_mask,
@@ -206,6 +208,12 @@ def build_demo(session: DemoSession) -> gr.Blocks:
 
     fp = family_for(session.pipe.transformer).fingerprint(session.pipe.transformer)
     defaults = Settings()
+    try:  # the mask picture opens on a head the default profile makes sparse
+        start_layer, start_head = first_sparse_head(
+            choose_profile(session.default_choice, None, session.pipe, session.extra)
+        )
+    except DemoError:
+        start_layer, start_head = 0, 0
     with gr.Blocks(title="dit-sparse demo", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         with gr.Row():
@@ -283,9 +291,11 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                         )
                         mask = gr.Image(show_label=False, interactive=False, elem_id="mask")
                         layer = gr.Slider(
-                            0, fp.num_layers - 1, value=0, step=1, label="Layer", elem_id="layer"
+                            0, fp.num_layers - 1, value=start_layer, step=1, label="Layer", elem_id="layer"
                         )
-                        head = gr.Slider(0, fp.num_heads - 1, value=0, step=1, label="Head", elem_id="head")
+                        head = gr.Slider(
+                            0, fp.num_heads - 1, value=start_head, step=1, label="Head", elem_id="head"
+                        )
                 mask_info = gr.Markdown(elem_id="mask_info")
 
         def do_preview(*values: Any) -> tuple[Any, Any, str]:

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -276,6 +277,33 @@ def test_build_demo_has_the_elements_the_browser_test_uses(session):
         "status",
     ):
         assert elem in ids
+    # the mask picture opens on the first head the shipped profile makes sparse, not on a dense one
+    props = {c.get("props", {}).get("elem_id"): c["props"] for c in demo.config["components"]}
+    start = (props["layer"]["value"], props["head"]["value"])
+    prof = Profile.loads(resources.files("dit_sparse.profiles").joinpath(SHIPPED).read_bytes())
+    first = next(
+        (layer, h)
+        for layer, heads in enumerate(prof.layers)
+        for h, spec in enumerate(heads)
+        if layer not in prof.schedule.dense_layers and spec.pattern not in ("dense", "full")
+    )
+    assert start == first and prof.layers[start[0]][start[1]].pattern == "window"
+
+
+def test_first_sparse_head_skips_dense_layers_dense_and_dynamic_heads(session):
+    from dit_sparse.app.core import first_sparse_head
+    from dit_sparse.profile import HeadSpec
+
+    prof = Profile.dense(session.pipe.transformer)
+    assert first_sparse_head(prof) == (0, 0)  # nothing sparse: the first head
+    n_layers, n_heads = len(prof.layers), len(prof.layers[0])
+    assert n_layers >= 3 and n_heads >= 2
+    prof.layers[0][1] = HeadSpec("window", {"f": 1, "h": 1, "w": 1})  # in a dense layer
+    prof.layers[1][0] = HeadSpec("draft", {})  # dynamic: no picture before generation
+    prof.layers[1][1] = HeadSpec("full", {})
+    prof.layers[2][1] = HeadSpec("radial", {})
+    prof.schedule.dense_layers = [0]
+    assert first_sparse_head(prof) == (2, 1)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
