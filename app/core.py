@@ -47,7 +47,7 @@ class DemoError(ValueError):
 class Settings:
     """One generation request. Defaults are demo-sized: dense + sparse take seconds on a 2-core CPU, on a canvas
     big enough (33 frames × 128², 2,304 video tokens, 36 blocks of 64) and with steps enough (8) that the shipped
-    profile's windows and its 4 dense warm-up steps leave sparse work to see."""
+    profile's windows and its dense warm-up steps leave sparse work to see."""
 
     prompt: str = EXAMPLE_PROMPTS[0]
     seed: int = 0

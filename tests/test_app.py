@@ -53,7 +53,7 @@ def session(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sparse_file(tmp_path_factory):
-    # a profile with sparse heads in every layer (the shipped one keeps layers 0 and 1 dense)
+    # a profile with sparse heads in every layer (the shipped one keeps a layer dense)
     return write_sparse_profile(tmp_path_factory.mktemp("profiles") / "tiny-sparse.json")
 
 

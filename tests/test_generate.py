@@ -17,7 +17,7 @@ MEDIUM = ["--height", "96", "--width", "96", "--frames", "17", "--steps", "4", "
 
 
 def test_generate_both_modes_writes_videos_and_report(tmp_path, capsys):
-    # a profile with sparse heads in every layer (the shipped one keeps layers 0 and 1 dense)
+    # a profile with sparse heads in every layer (the shipped one keeps a layer dense)
     profile = write_sparse_profile(tmp_path / "sparse.json")
     assert main(["generate", *MEDIUM, "--profile", str(profile), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out

@@ -1,6 +1,6 @@
 """A sparse profile for the bundled tiny model, for tests of the sparse path.
 
-The shipped ``profiles/tiny-cogvideox.json`` keeps layers 0 and 1 dense (see profiles/README.md), so tests that need
+The shipped ``profiles/tiny-cogvideox.json`` keeps a layer and the first steps dense (see profiles/README.md), so tests that need
 sparse heads in every layer of the real bundled model use this: the shipped file with a mix of static sparse heads, one dense head
 and one dense warm-up step."""
 

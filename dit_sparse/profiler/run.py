@@ -561,7 +561,7 @@ def _provenance(cfg: ProfileConfig, data: dict[str, Any], command: str | None) -
 
 # ------------------------------------------------------------------------------------------------ target PSNR
 # error budgets tried by --target-psnr, sparsest first (budget 0 keeps only heads with no error: dense quality)
-PSNR_BUDGETS = (0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05, 0.03, 0.02, 0.01, 0.0)
+PSNR_BUDGETS = (0.5, 0.35, 0.25, 0.18, 0.12, 0.1, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03, 0.02, 0.01, 0.0)
 
 
 def search_for_psnr(
