@@ -637,6 +637,44 @@ def test_cli_profile_writes_verified_profile(cli_profile, capsys):
     assert s["max_head_rel_error"] <= 0.2
 
 
+def _cli_small(out, *extra):
+    """The cli_profile run's settings (same prompts file, size and steps) writing ``out``."""
+    return _cli(
+        "profile", "tiny", "-o", str(out), "--prompts", str(out.parent / "prompts.txt"), "--height", "48",
+        "--width", "48", "--frames", "9", "--steps", "2", "--guidance", "1", "--budget", "0.2", "--quiet", *extra,
+    )  # fmt: skip
+
+
+def test_cli_cost_model_reuse_repeats_the_search_exactly(cli_profile, tmp_path, capsys):
+    """--cost-model PROFILE: no kernel timing, the earlier cost model (so the same heads, schedule and predicted
+    numbers, bit for bit); a cost model of another size or device, or a file without one, is refused up front."""
+    first = Profile.load(cli_profile)
+    (tmp_path / "prompts.txt").write_bytes((cli_profile.parent / "prompts.txt").read_bytes())
+    again = tmp_path / "again.json"
+    assert _cli_small(again, "--cost-model", str(cli_profile)) == 0
+    second = Profile.load(again)
+    assert second.layers == first.layers and second.schedule == first.schedule
+    cm1, cm2 = first.calibration["cost_model"], second.calibration["cost_model"]
+    assert {k: v for k, v in cm2.items() if k != "source"} == {k: v for k, v in cm1.items() if k != "source"}
+    assert cm2["source"].startswith(f"reused from {cli_profile.name} (timed ")
+    assert second.summary["predicted_mean_density"] == first.summary["predicted_mean_density"]
+    capsys.readouterr()
+    other = tmp_path / "other.json"
+    assert _cli_small(other, "--cost-model", str(cli_profile), "--height", "64") == 2
+    assert "timed at 48×48 px, 9 frames; this run is 64×48 px, 9 frames" in capsys.readouterr().err
+    moved = json.loads(cli_profile.read_text())
+    moved["calibration"]["device"] = "NVIDIA H100 80GB HBM3"
+    gpu_made = tmp_path / "gpu.json"
+    gpu_made.write_text(json.dumps(moved))
+    assert _cli_small(other, "--cost-model", str(gpu_made)) == 2
+    assert "timed on NVIDIA H100 80GB HBM3; this run is on cpu" in capsys.readouterr().err
+    del moved["calibration"]["cost_model"]
+    gpu_made.write_text(json.dumps(moved))
+    assert _cli_small(other, "--cost-model", str(gpu_made)) == 2
+    assert "records no cost model" in capsys.readouterr().err
+    assert not other.exists()
+
+
 def test_cli_refuses_overwrite_and_bad_input(cli_profile, tmp_path, capsys):
     before = cli_profile.read_bytes()
     # checked before the model loads: a missing model would fail later with another message

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..profile import Profile
 
 PROFILE_DESCRIPTION = (
     "Calibrate a diffusers DiT and write its sparse-attention profile. Runs the calibration prompts dense, captures "
@@ -76,10 +81,51 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--block-size", type=int, choices=(16, 32, 64, 128), default=None, help="default: by length"
     )
+    p.add_argument(
+        "--cost-model",
+        default=None,
+        metavar="PROFILE",
+        help="reuse the kernel cost model recorded in an earlier profile of this model at the same size and device "
+        "instead of timing the kernel again: the search then repeats exactly (on a busy or shared machine the "
+        "timings, and with them which layers and steps stay dense, vary from run to run)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the end-to-end dense vs sparse check")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="model dtype")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def reused_cost_model(
+    earlier: Profile, path: str, cfg: Any, fingerprint: Any, family: str, device: str
+) -> Any:
+    """The cost model recorded in ``earlier`` (a profile read from ``path``), after checking that it was timed for
+    this model at this run's size on this kind of device (``"cpu"`` / ``"cuda..."``): the kernel's cost depends on
+    both."""
+    from ..profile import ProfileError
+    from .run import ProfilerError
+    from .search import CostModel
+
+    try:
+        earlier.check_compatible(fingerprint, family)
+    except ProfileError as exc:
+        raise ProfilerError(f"{path} is a profile of another model: {exc}") from None
+    cal = earlier.calibration
+    theirs = {k: cal.get(k) for k in ("height", "width", "frames")}
+    ours = {"height": cfg.height, "width": cfg.width, "frames": cfg.frames}
+    if theirs != ours:
+        raise ProfilerError(
+            f"{path} was timed at {theirs['height']}×{theirs['width']} px, {theirs['frames']} frames; this run is "
+            f"{ours['height']}×{ours['width']} px, {ours['frames']} frames. Reuse a cost model of the same size, "
+            "or drop --cost-model"
+        )
+    timed_on = str(cal.get("device", ""))
+    if timed_on.startswith("cpu") != device.startswith("cpu"):
+        raise ProfilerError(
+            f"{path} was timed on {timed_on or 'an unknown device'}; this run is on {device}. Reuse a cost model "
+            "timed on the same kind of device, or drop --cost-model"
+        )
+    cost = CostModel.from_dict(cal["cost_model"])
+    return replace(cost, source=f"reused from {Path(path).name} ({cost.source})")
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -136,6 +182,19 @@ def run_profile(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     seeds = _ints(args.seeds, "--seeds")
     sample_steps = _ints(args.sample_steps, "--sample-steps") if args.sample_steps else None
+    earlier: Profile | None = None
+    if args.cost_model is not None:
+        from ..profile import Profile, ProfileError
+
+        try:
+            earlier = Profile.load(args.cost_model)
+        except ProfileError as exc:
+            return _fail(f"--cost-model: {exc}")
+        if not isinstance(earlier.calibration.get("cost_model"), dict):
+            return _fail(
+                f"--cost-model: {args.cost_model} records no cost model (it was not made by dit-sparse profile); "
+                "drop --cost-model to time the kernel"
+            )
     # --force alone starts over (rank 0 drops every checkpoint); with --resume it only allows replacing --out
     if args.force and not args.resume and rank == 0:
         for path in ckpts:
@@ -206,6 +265,13 @@ def run_profile(args: argparse.Namespace) -> int:
         max_query_blocks=args.max_query_blocks,
         block_size=args.block_size,
     )
+    cost = None
+    if earlier is not None:
+        try:
+            fingerprint = family.fingerprint(pipe.transformer)
+            cost = reused_cost_model(earlier, args.cost_model, cfg, fingerprint, family.name, device)
+        except ProfilerError as exc:
+            return _fail(f"--cost-model: {exc}")
     command = command_line(args)
     try:
         profile = profile_pipeline(
@@ -215,6 +281,7 @@ def run_profile(args: argparse.Namespace) -> int:
             model_id=model_name,
             encode=default_encoder(model_name, pipe),
             resume=args.resume,
+            cost=cost,
             command=command,
             progress=not args.quiet,
         )
