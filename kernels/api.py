@@ -20,6 +20,7 @@ from .indices import (
     cdiv,
     compact_index,
     index_granularity,
+    squeeze_broadcast,
 )
 from .permutation import check_permutation, permute_tokens, unpermute_tokens, validate_perm
 
@@ -208,10 +209,7 @@ def prepare_block_mask(
             f"block_mask must be [B|1, H|1, {want[0]}, {want[1]}] for {seq_len_q}×{nk} tokens in blocks of "
             f"{block_size}, got shape {tuple(block_mask.shape)}"
         )
-    mask = block_mask
-    for dim in (0, 1):  # an expanded view: index it once, not per batch row or head
-        if mask.shape[dim] > 1 and mask.stride(dim) == 0:
-            mask = mask.narrow(dim, 0, 1)
+    mask = squeeze_broadcast(block_mask)  # an expanded view: index it once, not per batch row or head
     gq, gk = index_granularity(block_size)
     index = build_block_index(mask, block_size, seq_len_q, nk, q_granularity=gq, kv_granularity=gk)
     return compact_index(index) if compact else index

@@ -42,6 +42,14 @@ def index_granularity(block_size: int) -> tuple[int, int]:
     return max(block_size, _BLOCK_M_MAX), max(block_size, _KV_GRANULARITY_MIN)
 
 
+def squeeze_broadcast(mask: torch.Tensor) -> torch.Tensor:
+    """An expanded view (stride 0 over B or H) back to size 1 there, so the index is built once, not per head."""
+    for dim in (0, 1):
+        if mask.shape[dim] > 1 and mask.stride(dim) == 0:
+            mask = mask.narrow(dim, 0, 1)
+    return mask
+
+
 def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``bool [..., nQ, nK]`` -> ``(kv_num_blocks int32 [..., nQ], kv_indices int32 [..., nQ, nK])``.
 

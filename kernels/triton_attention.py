@@ -43,7 +43,13 @@ import triton
 import triton.language as tl
 
 from .api import triton_interpreting
-from .indices import _BLOCK_M_MAX, BlockSparseIndex, build_block_index, index_granularity
+from .indices import (
+    _BLOCK_M_MAX,
+    BlockSparseIndex,
+    build_block_index,
+    index_granularity,
+    squeeze_broadcast,
+)
 
 # _BLOCK_M_MAX (indices): the largest q tile in the config list; the q granularity is a multiple of it.
 _MAX_HEAD_DIM = 256
@@ -344,14 +350,6 @@ def _strides(t: torch.Tensor) -> list[int]:
     return [0 if t.shape[i] == 1 else t.stride(i) for i in range(t.dim())]
 
 
-def _squeeze_broadcast(mask: torch.Tensor) -> torch.Tensor:
-    """An expanded view (stride 0 over B or H) back to size 1 there, so the index is built once, not per head."""
-    for dim in (0, 1):
-        if mask.shape[dim] > 1 and mask.stride(dim) == 0:
-            mask = mask.narrow(dim, 0, 1)
-    return mask
-
-
 def _nk_bucket(nk: int) -> int:
     return max(1024, triton.next_power_of_2(nk))
 
@@ -383,7 +381,7 @@ def triton_sparse_attention(
     if nq == 0 or nk == 0:
         return out.zero_()
 
-    mask = _squeeze_broadcast(block_mask)
+    mask = squeeze_broadcast(block_mask)
     gq, gk = index_granularity(block_size)
     if index_lists is None:
         index = build_block_index(mask, block_size, nq, nk, q_granularity=gq, kv_granularity=gk)
