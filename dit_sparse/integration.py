@@ -645,11 +645,10 @@ class TransformerBinding:
     ) -> BlockSparseIndex | None:
         """The layer mask as the Triton kernel's index, made once per plan instead of on every call (the
         kernel would otherwise rebuild it each time); None where another implementation runs."""
-        triton_runs = self.impl == "triton" or (self.impl == "auto" and device.type == "cuda")
-        if not triton_runs:
-            return None
-        from .kernels import prepare_block_mask
+        from .kernels import prepare_block_mask, resolve_impl
 
+        if resolve_impl(self.impl, device) != "triton":
+            return None
         return prepare_block_mask(mask, mlayout.block_size, mlayout.seq_len)
 
     def _head_index(self, heads: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -29,7 +29,7 @@ if __name__ == "kernels":
     finally:
         sys.path[:] = _path
 else:
-    from .api import IMPLS, prepare_block_mask, sparse_attention, triton_interpreting
+    from .api import IMPLS, prepare_block_mask, resolve_impl, sparse_attention, triton_interpreting
     from .indices import (
         SUPPORTED_BLOCK_SIZES,
         BlockSparseIndex,
@@ -54,6 +54,7 @@ __all__ = [
     "indices_to_block_mask",
     "prepare_block_mask",
     "reference_attention",
+    "resolve_impl",
     "sparse_attention",
     "token_density",
     "triton_interpreting",

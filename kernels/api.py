@@ -215,7 +215,10 @@ def prepare_block_mask(
     return compact_index(index) if compact else index
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``sparse_attention(..., impl=impl)`` runs for tensors on ``device``: ``"auto"`` is the
+    Triton kernel on CUDA and the block-gather path elsewhere; ``ValueError`` for ``"triton"`` on the CPU without
+    the interpreter."""
     if impl == "auto":
         return "triton" if device.type == "cuda" else "gather"
     if impl == "triton" and device.type != "cuda" and not triton_interpreting():
@@ -282,7 +285,7 @@ def sparse_attention(
         return q.new_zeros(q.shape)
     if k.shape[2] == 0:
         return q.new_zeros(q.shape)
-    resolved = _resolve_impl(impl, q.device)
+    resolved = resolve_impl(impl, q.device)
     return torch.ops.dit_sparse.block_sparse_attention(
         q, k, v, mask, block_size, scale, resolved, perm, *lists
     )

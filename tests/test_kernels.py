@@ -302,6 +302,18 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch: pytest.MonkeyPatch) -> Non
         dit_sparse.sparse_attention(q, k, v, m, 16, impl="triton")
 
 
+def test_resolve_impl_is_what_sparse_attention_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dit_sparse.kernels import resolve_impl
+
+    assert resolve_impl("auto", torch.device("cpu")) == "gather"
+    assert resolve_impl("auto", torch.device("cuda")) == "triton"  # a device object only: no GPU needed
+    assert [resolve_impl(i, torch.device("cpu")) for i in ("gather", "reference")] == ["gather", "reference"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"needs the Triton interpreter"):
+        resolve_impl("triton", torch.device("cpu"))
+    assert resolve_impl("triton", torch.device("cuda")) == "triton"
+
+
 # ------------------------------------------------------------------------------------------------ FlexAttention
 
 
