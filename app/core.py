@@ -156,7 +156,8 @@ def demo_layout(pipe: Any, settings: Settings, block_size: int) -> MaskLayout:
     pt, ph, pw = patch if len(patch) == 3 else (1, patch[0], patch[-1])
     frames = (int(settings.frames) - 1) // int(temporal) + 1
     grid = (
-        max(1, frames // pt),
+        # a temporal patch that does not divide the latent frames: the pipeline pads them (CogVideoX 1.5)
+        max(1, -(-frames // pt)),
         max(1, int(settings.height) // int(spatial) // ph),
         max(1, int(settings.width) // int(spatial) // pw),
     )

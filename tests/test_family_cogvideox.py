@@ -142,6 +142,12 @@ def test_cogvideox15_temporal_patch():
     finally:
         hook.remove()
     assert set(grids) == {(2, 3, 5), (2, 5, 3)}  # 3 latent frames padded to 4 -> 2 temporal patches
+    # the demo predicts the same grid before generating (mask picture, density knob)
+    from dit_sparse.app.core import Settings, demo_layout
+
+    for r, grid in zip(res, ((2, 3, 5), (2, 5, 3))):
+        layout = demo_layout(pipe15, Settings(**r), 16)
+        assert (layout.grid, layout.num_text) == (grid, TEXT_LEN)
 
 
 def test_sincos_positions_without_rope():
