@@ -25,6 +25,7 @@ from .indices import (
 from .permutation import check_permutation, permute_tokens, unpermute_tokens, validate_perm
 
 IMPLS = ("auto", "triton", "gather", "reference")
+DEFAULT_BLOCK_SIZE = 128  # of a bool block mask given without block_size
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -38,7 +39,7 @@ def _is_flex_block_mask(obj: Any) -> bool:
     return cls.__name__ == "BlockMask" and cls.__module__.startswith("torch.nn.attention.flex_attention")
 
 
-def _flex_to_bool(block_mask: Any, block_size: int, nq: int, nk: int) -> tuple[torch.Tensor, int]:
+def _flex_to_bool(block_mask: Any, block_size: int | None, nq: int, nk: int) -> tuple[torch.Tensor, int]:
     """Turn a FlexAttention ``BlockMask`` into our bool block mask (union of its partial and full blocks).
 
     Partial blocks are only accepted when the mask_mod allows every in-range element inside them: this kernel
@@ -52,7 +53,7 @@ def _flex_to_bool(block_mask: Any, block_size: int, nq: int, nk: int) -> tuple[t
             f"BlockMask BLOCK_SIZE {block_mask.BLOCK_SIZE} is not supported: use a square block of "
             f"{SUPPORTED_BLOCK_SIZES}"
         )
-    if bq != block_size and block_size != 128:
+    if block_size is not None and bq != block_size:
         raise ValueError(
             f"block_size={block_size} disagrees with the BlockMask's BLOCK_SIZE {bq}: omit block_size"
         )
@@ -99,7 +100,7 @@ def _check_partial_blocks_uniform(mask_mod: Any, partial: torch.Tensor, bs: int,
 
 
 def _validate(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, block_size: int, impl: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, block_size: int | None, impl: str
 ) -> tuple[torch.Tensor, int]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -126,7 +127,7 @@ def _validate(
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
+    if block_size is not None and block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
 
     bsz, heads, nq, _ = q.shape
@@ -136,7 +137,7 @@ def _validate(
     elif isinstance(block_mask, BlockSparseIndex):
         mask, block_size = _check_prepared(block_mask, block_size, nq, nk, q.device)
     elif isinstance(block_mask, torch.Tensor):
-        mask = block_mask
+        mask, block_size = block_mask, DEFAULT_BLOCK_SIZE if block_size is None else block_size
         if mask.dtype != torch.bool:
             raise TypeError(f"block_mask must be a torch.bool tensor, got {mask.dtype}")
     else:
@@ -160,10 +161,10 @@ def _validate(
 
 
 def _check_prepared(
-    index: BlockSparseIndex, block_size: int, nq: int, nk: int, device: torch.device
+    index: BlockSparseIndex, block_size: int | None, nq: int, nk: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
     """A :func:`prepare_block_mask` index: its fine mask and block size, after checking it fits these q/k."""
-    if block_size not in (index.block_size, 128):  # 128: the default, i.e. not given
+    if block_size is not None and block_size != index.block_size:
         raise ValueError(
             f"block_size={block_size} disagrees with the prepared index's block size {index.block_size}: omit "
             "block_size"
@@ -234,7 +235,7 @@ def sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     block_mask: Any,
-    block_size: int = 128,
+    block_size: int | None = None,
     scale: float | None = None,
     *,
     impl: str = "auto",
@@ -250,7 +251,8 @@ def sparse_attention(
             query ``i`` may attend key ``j`` iff ``block_mask[b, h, i // block_size, j // block_size]``.
             A FlexAttention ``BlockMask`` is accepted too (its own ``BLOCK_SIZE`` is used), and so is an index
             from :func:`prepare_block_mask` (the Triton kernel then skips building it).
-        block_size: 16, 32, 64 or 128 tokens per mask block; N need not be a multiple of it.
+        block_size: 16, 32, 64 or 128 tokens per mask block (default: 128 for a bool mask, the block size of a
+            ``BlockMask`` or prepared index, which an explicit value must match); N need not be a multiple of it.
         scale: softmax scale, default ``1/sqrt(D)``.
         impl: ``"auto"`` (Triton on CUDA, block-gather on CPU), ``"triton"`` (also on CPU under
             ``TRITON_INTERPRET=1``), ``"gather"`` or ``"reference"`` (fp64, slow). Never falls back silently.

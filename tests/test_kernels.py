@@ -336,6 +336,11 @@ def test_flex_block_mask_equals_bool_mask(impl: str) -> None:
     out_flex = dit_sparse.sparse_attention(q, k, v, block_mask, impl=impl)
     out_bool = dit_sparse.sparse_attention(q, k, v, table, block_size=bs, impl=impl)
     torch.testing.assert_close(out_flex, out_bool, rtol=0, atol=0)
+    torch.testing.assert_close(
+        dit_sparse.sparse_attention(q, k, v, block_mask, bs, impl=impl), out_flex, rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match=r"block_size=128 disagrees with the BlockMask's BLOCK_SIZE 32"):
+        dit_sparse.sparse_attention(q, k, v, block_mask, 128, impl=impl)
     assert_close_to_reference(out_flex, q, k, v, table, bs)
 
 
@@ -422,8 +427,11 @@ def test_prepared_index_rejects_what_it_was_not_built_for() -> None:
     prepared = prepare_block_mask(mask, 32, 100)
     with pytest.raises(ValueError, match=r"built for 100 query and 100 key tokens, but q has 90"):
         dit_sparse.sparse_attention(q[:, :, :90], k, v, prepared, 32)
-    with pytest.raises(ValueError, match=r"block_size=64 disagrees with the prepared index's block size 32"):
-        dit_sparse.sparse_attention(q, k, v, prepared, 64)
+    for explicit in (64, 128):  # 128, the bool mask's default, is caught too when given
+        with pytest.raises(
+            ValueError, match=rf"block_size={explicit} disagrees with the prepared index's block size 32"
+        ):
+            dit_sparse.sparse_attention(q, k, v, prepared, explicit)
     other = build_block_index(mask, 32, 100, 100)  # the mask's own granularity, not the kernel's
     with pytest.raises(ValueError, match=r"build it with prepare_block_mask"):
         dit_sparse.sparse_attention(q, k, v, other, 32)
