@@ -195,6 +195,23 @@ def test_gather_property(b, h, nq, nk, d, bs, density, dtype, seed) -> None:
     _assert_empty_rows_zero(out, mask, bs)
 
 
+@pytest.mark.parametrize("budget", [1, 3 * 16 * 16, 10 * 16 * 16])
+def test_gather_chunking(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    """Chunks of one row, of a few rows, and rows of many counts in one chunk (a score budget this small makes every
+    chunk boundary happen on a small problem): padding slots, the ragged last kv block in some rows only, empty rows."""
+    from dit_sparse.kernels import cpu_gather
+
+    monkeypatch.setattr(cpu_gather, "_MAX_CHUNK_SCORES", budget)
+    bs = 16
+    q, k, v = _qkv(2, 3, 7 * bs + 5, 9 * bs + 3, 72, torch.float32, seed=budget)
+    mask = _random_mask((2, 3, 8, 10), 0.45, seed=budget + 1)
+    mask[0, 1, 2] = False  # an empty row
+    mask[1, 2, :, -1] = True  # every row of one head holds the ragged last block
+    out = dit_sparse.sparse_attention(q, k, v, mask, block_size=bs, impl="gather")
+    assert_close_to_reference(out, q, k, v, mask, bs)
+    _assert_empty_rows_zero(out, mask, bs)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     nq=st.integers(1, 200),
