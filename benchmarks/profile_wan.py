@@ -586,6 +586,11 @@ def run_profiler(argv: Sequence[str], clock: StageClock) -> dict[str, Any]:
             rc = exc.code if isinstance(exc.code, int) else 2
             error = str(exc)
         wall = time.perf_counter() - t0
+    if rc == 130 and not error:  # the CLI turns Ctrl-C / SIGINT (gpu_check.sh's stage time limit) into 130
+        error = (
+            f"interrupted after {wall:.0f} s (SIGINT: a time limit or Ctrl-C); the stages and calibration samples "
+            "recorded here are the ones that ran"
+        )
     return {
         "exit_code": rc,
         "error": error if error else (None if rc == 0 else f"dit-sparse profile exited with {rc}"),

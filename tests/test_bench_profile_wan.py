@@ -44,3 +44,25 @@ def test_tiny_run_writes_a_result_and_a_valid_profile_and_never_overwrites(tmp_p
     assert profile_wan.main(["--tiny", "--out", str(out), "--quiet", "--no-verify"]) == 0
     assert {p.name for p in out.glob("*.json")} == {files[0].name, files[0].stem + "-2.json"}
     assert json.loads(files[0].read_text()) == data
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_still_writes_what_it_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gpu_check.sh stops a stage with SIGINT at its time limit: the calibration samples already timed must still
+    reach the result file (a run that is killed before it writes anything measures nothing)."""
+    from dit_sparse.profiler import run as profiler_run
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profiler_run, "verify", stop)  # interrupted after calibration and search
+    out = tmp_path / "results"
+    assert profile_wan.main(["--tiny", "--out", str(out), "--quiet"]) == 1
+    (path,) = out.glob("*.json")
+    run = json.loads(path.read_text())["profile_run"]
+    assert run["exit_code"] == 130 and run["error"].startswith("interrupted after")
+    assert len(run["calibration_sample_s"]) == 4 and run["stages"]["search"]["calls"] == 1
+    # the stage the interrupt hit is recorded up to the interrupt
+    assert run["stages"]["verify"]["calls"] == 1
