@@ -10,6 +10,9 @@ alone:
 - **mask build**: ``build_layer_mask`` on the device (the processor caches it per layout and layer);
 - **perm build**: ``build_layer_perm`` on the device (cached the same way), reordering patterns only;
 - **perm in kernel**: attn minus the same kernel call without ``perm`` (the cost of the in-kernel gather/scatter);
+- **perm copy**: the alternative to the in-kernel gather, timed whole: q/k/v permuted by one ``torch.gather`` each,
+  the kernel without ``perm``, the output scattered back (3 + 1 extra copies of a q-sized tensor); its output is
+  checked against the in-kernel one;
 - **draft**: the dynamic builder (pooling, low-resolution map, top-k) plus forcing text dense, per call.
 
 Each overhead is reported in ms and as % of the dense attention time (target ≤ ``--target-pct``, default 5 %).
@@ -261,6 +264,7 @@ def _bench_pattern(
     for key in ("mask", "perm_build", "perm_kernel", "draft"):
         row[f"{key}_ms"] = None
     row.update(attn_ms=None, attn_noperm_ms=None, per_call_ms=None, density=None, block_density=None)
+    row.update(perm_copy_ms=None, perm_copy_max_abs_diff=None)
     try:
         mask = build_layer_mask(heads, layout, dev)  # (1, H, nB, nB)
         row["mask_ms"] = timer(functools.partial(build_layer_mask, heads, layout, dev), st.reps, st.warmup)
@@ -285,6 +289,9 @@ def _bench_pattern(
                 functools.partial(sparse_attention, q, k, v, mask, bs), st.reps, st.warmup
             )
             row["perm_kernel_ms"] = row["attn_ms"] - row["attn_noperm_ms"]  # may be < 0 within timing noise
+            copy_call = functools.partial(_perm_copy_call, q, k, v, mask, bs, perm)
+            row["perm_copy_ms"] = timer(copy_call, st.reps, st.warmup)
+            row["perm_copy_max_abs_diff"] = _max_abs_diff(copy_call(), out)
         row["per_call_ms"] = row["attn_ms"] + (row["draft_ms"] or 0.0)
         if dev == "cpu" and n <= 4096:
             ref = reference_attention(q, k, v, mask, bs, perm=perm)
@@ -305,6 +312,23 @@ def _bench_pattern(
     # judged on CUDA only: CPU timings of the tiny layouts say nothing about the overhead on a GPU
     row["within_target"] = None if dense_ms is None or row["error"] or st.device != "cuda" else not over
     return row
+
+
+def _perm_copy_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    bs: int,
+    perm: torch.Tensor,
+) -> torch.Tensor:
+    """``sparse_attention(..., perm=perm)`` done with copies instead of the in-kernel gather: q/k/v permuted before,
+    the output scattered back after."""
+    from dit_sparse.kernels import sparse_attention
+    from dit_sparse.kernels.permutation import permute_tokens, unpermute_tokens
+
+    qp, kp, vp = permute_tokens(q, perm), permute_tokens(k, perm), permute_tokens(v, perm)
+    return unpermute_tokens(sparse_attention(qp, kp, vp, mask, bs), perm)
 
 
 def _bench_shape(shape: LayoutShape, st: Settings, log: Callable[[str], None]) -> tuple[dict, list[dict]]:
@@ -350,6 +374,7 @@ def _progress_line(row: dict) -> str:
     extras = [f"mask {_fmt(row['mask_ms'], '.3g')} ms"]
     if row["perm_build_ms"] is not None:
         extras.append(f"perm {_fmt(row['perm_build_ms'], '.3g')} + {_fmt(row['perm_kernel_ms'], '.3g')} ms")
+        extras.append(f"attn with perm copies {_fmt(row['perm_copy_ms'], '.4g')} ms")
     if row["draft_ms"] is not None:
         extras.append(f"draft {_fmt(row['draft_ms'], '.3g')} ms")
     return (
@@ -371,6 +396,7 @@ COLUMNS = (
     "perm %",
     "perm kernel ms",
     "perm kernel %",
+    "attn, perm copies ms",
     "draft ms",
     "draft %",
     "≤ target",
@@ -399,6 +425,7 @@ def table_rows(result: dict) -> tuple[list[list[str]], list[list[str]]]:
                 _fmt_pct(r["perm_build_pct"]),
                 _fmt(r["perm_kernel_ms"], ".3g"),
                 _fmt_pct(r["perm_kernel_pct"]),
+                _fmt(r["perm_copy_ms"], ".4g"),
                 _fmt(r["draft_ms"], ".3g"),
                 _fmt_pct(r["draft_pct"]),
                 ok,
@@ -432,6 +459,8 @@ def _explain(result: dict) -> list[str]:
         "layout and layer); × dense: dense ms / per call ms.",
         "mask ms: build_layer_mask on the device; perm ms: build_layer_perm on the device (reordering patterns); "
         "perm kernel ms: attn ms - the same call without perm (in-kernel gather/scatter; may be < 0 in noise); "
+        "attn, perm copies ms: the alternative, q/k/v permuted by torch.gather, the kernel without perm, the output "
+        "scattered back (compare with attn ms); "
         "draft ms: dynamic builder (pool q/k per block, low-res map, top-k) + text forced dense, per call.",
         f"%: of the dense attention time; ≤ target: every overhead ≤ {target:g} % of dense (else the ones above); "
         "judged on CUDA only (CPU: -).",

@@ -59,9 +59,13 @@ def test_tiny_run_every_pattern(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert r["max_abs_diff_vs_reference"] < 0.05  # bf16 gather path (with perm) vs fp64
     # overheads exist exactly where the pattern has them
     assert rows["reorder_window"]["perm_build_ms"] > 0 and rows["reorder_window"]["attn_noperm_ms"] > 0
+    # the pre-gathered alternative gives the in-kernel gather's output
+    for name in ("reorder_window", "draft"):
+        assert rows[name]["perm_copy_ms"] > 0 and rows[name]["perm_copy_max_abs_diff"] < 1e-2
     assert rows["draft"]["draft_ms"] > 0 and rows["draft"]["perm_build_ms"] > 0 and rows["draft"]["dynamic"]
     for name in ("full", "window", "skip", "radial"):
         assert rows[name]["perm_build_ms"] is None and rows[name]["draft_ms"] is None
+        assert rows[name]["perm_copy_ms"] is None
     # densities against hand counts: 496 tokens in 4 blocks (last holds 112 tokens, the 16 text tokens among them)
     assert rows["full"]["density"] == 1.0
     assert rows["skip"]["density"] == pytest.approx((2 * 112 * 496 - 112 * 112) / 496**2)  # text row + column
