@@ -556,9 +556,11 @@ def _new_row(spec: E2EModel, config: str, compiled: bool) -> dict[str, Any]:
     }
 
 
-def _bench_model(spec: E2EModel, st: Settings, log: Callable[[str], None]) -> tuple[dict, list[dict]]:
-    info = _model_info(spec, st)
-    rows: list[dict] = []
+def _bench_model(
+    spec: E2EModel, st: Settings, log: Callable[[str], None], info: dict[str, Any], rows: list[dict]
+) -> None:
+    """Measure ``spec`` into ``info`` (from :func:`_model_info`) and ``rows``, appended as they are measured so an
+    interrupted run keeps what it has."""
     t0 = time.perf_counter()
     try:
         model = build_transformer(spec, st.device, st.dtype, st.seed)
@@ -566,7 +568,7 @@ def _bench_model(spec: E2EModel, st: Settings, log: Callable[[str], None]) -> tu
     except Exception as exc:  # out of memory, a diffusers change, ...
         info["error"] = _reason(exc)
         log(f"  {spec.name}: could not build the model: {info['error']}")
-        return info, rows
+        return
     from dit_sparse.pipelines import family_for
 
     info["build_s"] = round(time.perf_counter() - t0, 3)
@@ -580,11 +582,10 @@ def _bench_model(spec: E2EModel, st: Settings, log: Callable[[str], None]) -> tu
     )
     try:
         for compiled in (False, True) if st.compile else (False,):
-            rows += _bench_configs(spec, model, inputs, info, st, compiled, log)
+            _bench_configs(spec, model, inputs, info, st, compiled, log, rows)
     finally:
         del model, inputs
         gc.collect()
-    return info, rows
 
 
 def _runner(model: torch.nn.Module, st: Settings, compiled: bool) -> Callable[..., Any]:
@@ -602,12 +603,13 @@ def _bench_configs(
     st: Settings,
     compiled: bool,
     log: Callable[[str], None],
-) -> list[dict]:
+    rows: list[dict],
+) -> None:
+    """Append one row per configuration to ``rows`` (before it is measured, so an interrupt leaves it there)."""
     import dit_sparse
     from dit_sparse import Profile
     from dit_sparse.patterns import pattern_name
 
-    rows: list[dict] = []
     tag = " compiled" if compiled else ""
 
     def run_config(row: dict, context: Callable[[], Any] = nullcontext, handle: Any = None) -> None:
@@ -688,7 +690,6 @@ def _bench_configs(
         _derive(row, dense, cudnn, hooked, st)
     if st.device == "cuda":
         torch.cuda.empty_cache()
-    return rows
 
 
 def _overheads(
@@ -863,6 +864,7 @@ def render_markdown(result: dict) -> str:
         *markdown_head(
             "end-to-end benchmark", result, f", reps {st['reps']} after {st['warmup']} warm-up steps"
         ),
+        *([f"**{result['interrupted']}**", ""] if result.get("interrupted") else []),
         "## Models",
         "",
         *(f"- {line}" for line in _model_lines(result)),
@@ -881,6 +883,8 @@ def render_plain(result: dict) -> str:
     lines = [f"dit-sparse end-to-end benchmark on {result['device_name']} ({result['device']})"]
     if result["note"]:
         lines.append(f"NOTE: {result['note']}")
+    if result.get("interrupted"):
+        lines.append(f"INTERRUPTED: {result['interrupted']}")
     lines += ["", *_model_lines(result), "", format_plain(COLUMNS, table_rows(result)), "", *_explain(result)]
     return "\n".join(lines)
 
@@ -903,16 +907,28 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> tuple[dict, P
     )
     head = f"dit-sparse bench e2e on {result['device_name']} ({settings.device}, {settings.dtype_name})"
     log(head + (f": {settings.note}" if settings.note else ""))
-    for spec in settings.models:
-        f, h, w = spec.grid
-        log(
-            f"{spec.label}: grid {f}×{h}×{w} + {spec.num_text} text, N={spec.seq_len}, {spec.heads}×{spec.head_dim}"
+    result["interrupted"] = None
+    try:
+        for spec in settings.models:
+            f, h, w = spec.grid
+            log(
+                f"{spec.label}: grid {f}×{h}×{w} + {spec.num_text} text, N={spec.seq_len}, "
+                f"{spec.heads}×{spec.head_dim}"
+            )
+            info = _model_info(spec, settings)
+            result["models"].append(info)
+            _bench_model(spec, settings, log, info, result["rows"])
+            if settings.device == "cuda":
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # Ctrl-C, or gpu_check.sh's stage time limit (SIGINT): keep what was measured
+        result["interrupted"] = (
+            f"interrupted after {time.perf_counter() - t0:.0f} s (SIGINT: a time limit or Ctrl-C); the rows and "
+            "models here are the ones measured before it"
         )
-        info, rows = _bench_model(spec, settings, log)
-        if settings.device == "cuda":
-            torch.cuda.empty_cache()
-        result["models"].append(info)
-        result["rows"].extend(rows)
+        for row in result["rows"]:
+            if row["step_ms"] is None and not row["skipped"] and not row["error"]:
+                row["error"] = "interrupted before it was measured"
+        log(result["interrupted"])
     result["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result["wall_s"] = round(time.perf_counter() - t0, 2)
     json_path, md_path = write_results(result, settings.out_dir, prefix="e2e", render=render_markdown)
@@ -933,6 +949,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         run,
         "model(s)/measurement(s)",
         lambda result: (
-            [r for r in result["rows"] if r["error"]] + [m for m in result["models"] if m["error"]]
+            [r for r in result["rows"] if r["error"]]
+            + [m for m in result["models"] if m["error"]]
+            + ([{"error": result["interrupted"]}] if result.get("interrupted") else [])
         ),
     )

@@ -3,8 +3,9 @@
 #
 # Runs in the repository root of a GPU machine whose python3 has torch + triton but no diffusers: wheels saved in
 # .whl/ (diffusers, importlib_metadata) are installed into /tmp/site first, then this checkout editable. Each stage
-# has its own time limit, so one that hangs or fails does not cost the others; everything goes to $OUT (default
-# /tmp/gpu-out): the benchmarks' JSON/Markdown files and log.txt. Stages:
+# has its own time limit (SIGINT, then SIGKILL 15 s later), so one that hangs or fails does not cost the others;
+# bench e2e and profile_wan.py still write the rows / stages they finished when the limit stops them. Everything goes
+# to $OUT (default /tmp/gpu-out): the benchmarks' JSON/Markdown files and log.txt. Stages:
 #   tests     a subset of the CUDA-only tests (compiled Triton kernel vs the fp64 reference, no host sync), the
 #             prepared-index and block_mean tests on CUDA
 #   alltests  every CUDA-only test

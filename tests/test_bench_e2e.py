@@ -164,6 +164,35 @@ def test_unreachable_density_is_skipped_with_the_reason(tmp_path):
     assert row["fit_density"] > 0.5
 
 
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    """gpu_check.sh stops a stage with SIGINT at its time limit: the rows measured before must reach the JSON, the
+    one in progress says it was interrupted, and the command fails."""
+    real_fit = bench.fit_pattern
+
+    def fit(name, *args, **kwargs):
+        if name == "window":  # the second pattern: radial is measured, window is in progress
+            raise KeyboardInterrupt
+        return real_fit(name, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "fit_pattern", fit)
+    args = ["--models", "wan2.1-1.3b-480p,flux-1024", "--patterns", "radial", "window", "--densities", "0.5"]
+    assert main([*TINY_ARGS, *args, "--out", str(tmp_path)]) == 1
+    (path,) = tmp_path.glob("e2e-cpu-*.json")
+    data = json.loads(path.read_text())
+    assert data["interrupted"].startswith("interrupted after")
+    assert [m["name"] for m in data["models"]] == ["wan2.1-1.3b-480p"]  # flux never started
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == ["dense", "dense-cudnn", "dense-hooked", "radial@0.5", "window@0.5"]
+    assert (
+        rows["dense"]["step_ms"] > 0
+        and rows["radial@0.5"]["step_ms"] > 0
+        and rows["radial@0.5"]["error"] is None
+    )
+    assert rows["window@0.5"]["error"] == "interrupted before it was measured"
+    assert "**interrupted after" in path.with_suffix(".md").read_text()
+    assert "INTERRUPTED: interrupted after" in capsys.readouterr().out
+
+
 def test_bad_options_fail_clearly(tmp_path, capsys):
     for bad, message in (
         (["--models", "sd9"], "unknown model 'sd9'"),
