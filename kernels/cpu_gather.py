@@ -20,7 +20,7 @@ from .indices import cdiv
 
 # Upper bound on score elements materialised per chunk (float32): 1M elements = 4 MiB. Small chunks keep the gathered
 # K/V and the scores in cache: on the 2-core development CPU 1M was 2x faster than 16M at the bundled model's shape
-# (2x2 heads, 4,372 tokens, window masks of density 0.14-0.21) and 1.1-1.5x at 2x12x8000 (random masks 0.1-0.3).
+# (2x2 heads, 4,372 tokens, window masks of density 0.14-0.21), 1.2x / 1.0x at 2x12x8000 (random masks 0.1 / 0.3).
 _MAX_CHUNK_SCORES = 1024 * 1024
 
 
