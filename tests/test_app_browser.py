@@ -59,10 +59,34 @@ def test_generate_in_the_browser(app_url, tmp_path):
             page.goto(app_url, wait_until="domcontentloaded")
             box = page.locator("#prompt textarea")
             box.wait_for(timeout=60_000)
+            # the page's load event (the profile preview) has filled the mask caption: the frontend is wired up.
+            # (A fresh-clone CI run once clicked right after the first paint and then waited 300 s for videos that
+            # never came; the click is now checked below and repeated once if no job started.)
+            page.wait_for_function(
+                "() => (document.querySelector('#mask_info')?.innerText || '').includes('latent grid')",
+                timeout=120_000,
+            )
             box.fill(prompt)
+            # a job started: Gradio shows its progress in the status box, or it is already done
+            started = (
+                "() => document.querySelector('#status .progress-text')"
+                " || (document.querySelector('#status textarea')?.value || '').trim().length > 0"
+            )
             page.locator("#generate").click()
+            try:
+                page.wait_for_function(started, timeout=30_000)
+            except sync_api.TimeoutError:  # the click was lost: once more, then it must start
+                page.locator("#generate").click()
+                page.wait_for_function(started, timeout=30_000)
+            # the videos, or a status that says why there are none (every failure lands in the status box)
+            page.wait_for_function(
+                "() => (document.querySelector('#dense_video video') && document.querySelector('#sparse_video video'))"
+                " || (document.querySelector('#status textarea')?.value || '').trim().length > 0",
+                timeout=300_000,
+            )
+            assert _value(page, "status").startswith("done"), _value(page, "status")
             for elem in ("dense_video", "sparse_video"):
-                page.locator(f"#{elem} video").wait_for(state="attached", timeout=300_000)
+                page.locator(f"#{elem} video").wait_for(state="attached", timeout=60_000)
             page.wait_for_function(
                 "() => [...document.querySelectorAll('#speedup textarea, #psnr textarea')]"
                 ".every(e => e.value.trim().length > 0)",
