@@ -627,6 +627,7 @@ def _bench_configs(
     cudnn = _new_row(spec, "dense-cudnn", compiled)
     hooked = _new_row(spec, "dense-hooked", compiled)
     for row in (dense, cudnn, hooked):
+        rows.append(row)
         if row is cudnn and st.device != "cuda":
             row["skipped"] = "needs CUDA (CPU run)"
         else:
@@ -640,7 +641,6 @@ def _bench_configs(
             finally:
                 if handle is not None:
                     handle.remove()
-        rows.append(row)
         log(_progress_line(row, tag))
     if hooked["step_ms"] is not None and dense["step_ms"] is not None:
         hooked["hook_overhead_ms"] = hooked["step_ms"] - dense["step_ms"]

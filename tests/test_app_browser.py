@@ -67,11 +67,9 @@ def test_generate_in_the_browser(app_url, tmp_path):
                 timeout=120_000,
             )
             box.fill(prompt)
+            status_set = "(document.querySelector('#status textarea')?.value || '').trim().length > 0"
             # a job started: Gradio shows its progress in the status box, or it is already done
-            started = (
-                "() => document.querySelector('#status .progress-text')"
-                " || (document.querySelector('#status textarea')?.value || '').trim().length > 0"
-            )
+            started = f"() => document.querySelector('#status .progress-text') || {status_set}"
             page.locator("#generate").click()
             try:
                 page.wait_for_function(started, timeout=30_000)
@@ -81,7 +79,7 @@ def test_generate_in_the_browser(app_url, tmp_path):
             # the videos, or a status that says why there are none (every failure lands in the status box)
             page.wait_for_function(
                 "() => (document.querySelector('#dense_video video') && document.querySelector('#sparse_video video'))"
-                " || (document.querySelector('#status textarea')?.value || '').trim().length > 0",
+                f" || {status_set}",
                 timeout=300_000,
             )
             assert _value(page, "status").startswith("done"), _value(page, "status")
