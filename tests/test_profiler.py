@@ -590,32 +590,20 @@ def _cli(*argv):
     return main(list(argv))
 
 
+def _cli_small(out, *extra):
+    """The cli_profile run's settings (same prompts file, size and steps) writing ``out``."""
+    return _cli(
+        "profile", "tiny", "-o", str(out), "--prompts", str(out.parent / "prompts.txt"), "--height", "48",
+        "--width", "48", "--frames", "9", "--steps", "2", "--guidance", "1", "--budget", "0.2", "--quiet", *extra,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def cli_profile(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tiny.json"
     prompts = out.parent / "prompts.txt"
     prompts.write_text("# calibration\na red fox in the snow\n\na blue boat on a lake\n")
-    rc = _cli(
-        "profile",
-        "tiny",
-        "-o",
-        str(out),
-        "--prompts",
-        str(prompts),
-        "--height",
-        "48",
-        "--width",
-        "48",
-        "--frames",
-        "9",
-        "--steps",
-        "2",
-        "--guidance",
-        "1",
-        "--budget",
-        "0.2",
-        "--quiet",
-    )
+    rc = _cli_small(out)  # the settings the --cost-model test repeats
     assert rc == 0
     return out
 
@@ -635,14 +623,6 @@ def test_cli_profile_writes_verified_profile(cli_profile, capsys):
     ):
         assert key in s
     assert s["max_head_rel_error"] <= 0.2
-
-
-def _cli_small(out, *extra):
-    """The cli_profile run's settings (same prompts file, size and steps) writing ``out``."""
-    return _cli(
-        "profile", "tiny", "-o", str(out), "--prompts", str(out.parent / "prompts.txt"), "--height", "48",
-        "--width", "48", "--frames", "9", "--steps", "2", "--guidance", "1", "--budget", "0.2", "--quiet", *extra,
-    )  # fmt: skip
 
 
 def test_cli_cost_model_reuse_repeats_the_search_exactly(cli_profile, tmp_path, capsys):
